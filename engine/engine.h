@@ -153,7 +153,7 @@ struct engine {
                                   * body_memory_limit (server_msg.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     atomic_bool stopping;      /* engine_stop began: an operator's command waiting for
-                                * the spool gives up (ops.c flush_wait) */
+                                * the spool gives up (ops.c flush_wait, bounce_wait) */
     uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
                                  * spool's last commits, one bound for every worker
                                  * (engine_stop sets it, server_worker_free waits); 0:

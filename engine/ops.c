@@ -9,7 +9,8 @@
  * message to each and waits for every answer, a short while at most. The
  * spool is read directly (its API is thread-safe); operator bounces are
  * posted to the workers that own their destinations, which commit them
- * as any outcome, and their answer waits until the spool shows them done.
+ * as any outcome, and their answer waits until the spool shows them done
+ * (or the stop begins: e->stopping, which a flush's wait observes too).
  *
  * Threading: the stats thread (counters, domains) and its command thread
  * (ops_command, one command at a time), concurrently: what both reach is
@@ -852,17 +853,35 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     return 0;
 }
 
+/* Sleep ms, BOUNCE_POLL_MS at a time, until the stop begins: engine_stop
+ * sets e->stopping and wakes no one, so it is looked at between the
+ * steps (ops_stop, the stop's next step, waits for this command). */
+static void
+bounce_nap(struct engine *e, uint64_t ms)
+{
+    uint64_t end = clock_mono_ms() + ms;
+    for (uint64_t now = clock_mono_ms(); now < end && !atomic_load(&e->stopping);
+         now = clock_mono_ms()) {
+        uint64_t step = end - now < BOUNCE_POLL_MS ? end - now : BOUNCE_POLL_MS;
+        struct timespec ts = {0, (long)step * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* Wait until the bounced recipients of w (kept in w->v) have left the
- * spool, or deadline_ms (Unix ms) passes. One still there with another
- * last outcome than when selected was decided by a transaction under way
- * (bounce_now leaves those alone: deferred, it waits on) and is not
- * waited for. The workers commit a bounce as any outcome, in their group
- * commits, and tell no one: the spool is what says it is done. Returns
- * how many of w's recipients are still in the spool; w->v is reused. */
+ * spool, deadline_ms (Unix ms) passes or the stop begins (*stopped: it
+ * came with some left). One still there with another last outcome than
+ * when selected was decided by a transaction under way (bounce_now
+ * leaves those alone: deferred, it waits on) and is not waited for. The
+ * workers commit a bounce as any outcome, in their group commits, and
+ * tell no one: the spool is what says it is done. Returns how many of
+ * w's recipients are still in the spool (those not looked at before the
+ * end included); w->v is reused. */
 static size_t
-bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
+bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms, bool *stopped)
 {
     size_t left = w->n, decided = 0;
+    *stopped = false;
     for (;;) {
         uint64_t round = clock_mono_ms();
         size_t m = 0;
@@ -870,7 +889,7 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
             size_t k = i;
             while (k < left && w->v[k].id == w->v[i].id)
                 k++;
-            if (clock_unix_ms() >= deadline_ms) {
+            if (clock_unix_ms() >= deadline_ms || atomic_load(&e->stopping)) {
                 /* not looked at in time: not known to be done */
                 memmove(&w->v[m], &w->v[i], (left - i) * sizeof(w->v[0]));
                 m += left - i;
@@ -895,21 +914,26 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
         }
         left = m;
         uint64_t now = clock_unix_ms();
-        if (left == 0 || now >= deadline_ms)
+        bool stop = atomic_load(&e->stopping);
+        if (left == 0 || now >= deadline_ms || stop) {
+            *stopped = stop && left > 0;
             return left + decided;
+        }
         /* as long as the look took, at least: a mass bounce's many
          * envelopes are read at most half the time, the commits go on */
         round = clock_mono_ms() - round;
         uint64_t ms = round > BOUNCE_POLL_MS ? round : BOUNCE_POLL_MS;
         if (ms > deadline_ms - now)
             ms = deadline_ms - now;
-        struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
+        bounce_nap(e, ms);
     }
 }
 
 /* bounce ID|DOMAIN: the recipients fail now, with an event each; the
- * answer waits for their commits (bounce_wait). */
+ * answer waits for their commits (bounce_wait). A stop that cuts the
+ * wait short is an error that counts those not known to be committed:
+ * the workers may stop before they commit them, and those go out at the
+ * next start as if never bounced (as flush's "then sluice stopped"). */
 static int
 cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
 {
@@ -983,10 +1007,19 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
         done += n;
         i = k;
     }
-    size_t still = bounce_wait(e, &w, deadline);
-    log_msg(LOG_NOTICE, "event=operator_bounce what=%s recipients=%zu still_queued=%zu", what,
-            done, still);
+    bool stopped;
+    size_t still = bounce_wait(e, &w, deadline, &stopped);
+    log_msg(stopped ? LOG_WARN : LOG_NOTICE,
+            "event=operator_bounce what=%s recipients=%zu still_queued=%zu%s", what, done, still,
+            stopped ? " note=stopping" : "");
     free(w.v);
+    if (stopped) {
+        snprintf(err, errlen,
+                 "bounced %zu, then sluice stopped: %zu of them not known to be committed "
+                 "(any still queued at the next start: bounce again)",
+                 done, still);
+        return -1;
+    }
     json_obj_begin(out);
     json_ku64(out, "recipients", done);
     json_ku64(out, "still_queued", still);

@@ -37,7 +37,7 @@
 #define QUEUE_LIST_BYTES (8u << 20)
 #define RELOAD_WAIT_MS 8000   /* for a reload's outcome (sluicectl waits 10 s) */
 #define BOUNCE_WAIT_MS 8000   /* for a bounce's commits, from the command's start */
-#define BOUNCE_POLL_MS 20     /* between looks at the spool meanwhile */
+#define BOUNCE_POLL_MS 20     /* between looks at the spool meanwhile, and at the stop */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
 #define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */
 #define FLUSH_BATCH   1000    /* recipients per spool request */

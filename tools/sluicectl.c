@@ -103,7 +103,9 @@ static const struct cmd cmds[] = {
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
      "event in the delivery log. The answer waits (up to 8 s) for the bounce's\n"
      "commit: still_queued counts the selected recipients still in the spool then\n"
-     "(deferred by a transaction under way: bounce again). This cannot be undone.",
+     "(deferred by a transaction under way: bounce again); a stop of sluice ends\n"
+     "that wait (the log's event=operator_bounce says note=stopping). This cannot be\n"
+     "undone.",
      0, 4, run_scoped},
     {"reload", "", "reread the configuration file (as SIGHUP does)",
      "Waits (up to 8 s) for the outcome: \"reload done: changed\" and the\n"

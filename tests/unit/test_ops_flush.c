@@ -25,6 +25,12 @@
  * A flush that a stop overtakes (engine_stop sets e->stopping) is tried
  * with a port of the test's own (queue_port_*, wrapped): the spool's
  * answers come through it, at once or never (a dead disk).
+ *
+ * The bounce's wait for its commits (cmd_bounce, bounce_wait) is here
+ * too, for the same fixture: the workers' side (delivery_submit_bounce)
+ * and the spool's envelopes (queue_envelope_get, _free) are the test's,
+ * which decides when the bounced recipient leaves the spool, and when
+ * the stop begins.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -91,6 +97,11 @@ static struct {
                            * the stop began (each sleeps that long) */
     struct engine *e;
     struct fport *last;   /* the port of the last flush */
+    /* bounce: the recipients submitted, the envelope reads (under lock:
+     * the test's stopping thread reads it), the read after which a
+     * recipient has left the spool (0: never), and how long each read
+     * takes (a mass bounce's look at many envelopes) */
+    unsigned bounced, gets, gone_at, get_ms;
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* The test's port: the answers it holds until a wait drains them. */
@@ -117,6 +128,10 @@ struct queue_port *__wrap_queue_port_new(void);
 struct queue_port *__wrap_queue_port_free(struct queue_port *port);
 int __wrap_queue_port_wait(struct queue_port *port, int timeout_ms);
 unsigned __wrap_queue_port_pending(const struct queue_port *port);
+void __wrap_delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain,
+                                   const unsigned *idx, unsigned n, const struct job_owner *owner);
+int __wrap_queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out);
+struct queue_envelope *__wrap_queue_envelope_free(struct queue_envelope *env);
 
 struct queue_port *
 __wrap_queue_port_new(void)
@@ -279,6 +294,56 @@ __wrap_delivery_lift_holds(struct delivery *d, bool all, const char *const *doma
     return 1; /* one destination rested */
 }
 
+/* The workers' side of a bounce: counted, committed when the test says
+ * (gone_at). */
+void
+__wrap_delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain,
+                              const unsigned *idx, unsigned n, const struct job_owner *owner)
+{
+    (void)e;
+    (void)id;
+    (void)domain;
+    (void)idx;
+    (void)owner;
+    S.bounced += n;
+}
+
+/* The message with its recipient 0 as the fake spool holds it (last_ms
+ * 0, as queue_walk gave it), until the gone_at'th read: then none. */
+int
+__wrap_queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
+{
+    (void)q;
+    pthread_mutex_lock(&S.lock);
+    unsigned k = ++S.gets;
+    pthread_mutex_unlock(&S.lock);
+    if (S.get_ms > 0) {
+        struct timespec ts = {0, (long)S.get_ms * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    *out = NULL;
+    if (S.gone_at != 0 && k >= S.gone_at)
+        return QUEUE_ENOTFOUND;
+    struct queue_envelope *env = calloc(1, sizeof(*env) + sizeof(struct queue_rcpt));
+    assert_non_null(env);
+    struct queue_rcpt *r = (struct queue_rcpt *)(env + 1);
+    *r = (struct queue_rcpt){.addr = "u0@a.test", .domain = "a.test", .index = 0,
+                             .state = QUEUE_RCPT_DEFERRED, .last_reply = ""};
+    env->id = id;
+    env->sender = "";
+    env->nrcpt = 1;
+    env->rcpt = r;
+    *out = env;
+    return 0;
+}
+
+struct queue_envelope *
+__wrap_queue_envelope_free(struct queue_envelope *env)
+{
+    free(env);
+    return NULL;
+}
+
 /* ---- the engine around it: one real worker, the rest absent ---- */
 
 struct fx {
@@ -333,6 +398,7 @@ setup(void **state)
     pthread_mutex_unlock(&S.lock);
     S.via_port = S.held = false;
     S.stop_at = S.requests = S.waited_ms = 0;
+    S.bounced = S.gets = S.gone_at = S.get_ms = 0;
     S.e = &f->e;
     S.last = NULL;
     *state = f;
@@ -620,6 +686,95 @@ flush_overtaken_by_a_stop_on_a_dead_spool_gives_up(void **state)
     assert_non_null(strstr(err, "flushed 0 of 8000"));
 }
 
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Run "bounce ARGS" as the stats thread does: its return, the answer's
+ * JSON or the error in text. */
+static int
+bounce(const char *args, char *text, size_t cap)
+{
+    struct json out;
+    json_init(&out);
+    char err[256] = "";
+    int rc = S.ops.command(S.ops.arg, "bounce", args, NULL, &out, err, sizeof(err));
+    if (rc == 0)
+        snprintf(text, cap, "%.*s", (int)out.len, out.buf);
+    else
+        snprintf(text, cap, "%s", err);
+    json_fini(&out);
+    return rc;
+}
+
+/* bounce DOMAIN answers once the spool no longer holds the recipient:
+ * the workers committed it. */
+static void
+bounce_answers_once_the_spool_shows_it_done(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 1);
+    S.gone_at = 3;
+    char text[512];
+    assert_int_equal(bounce("a.test", text, sizeof(text)), 0);
+    assert_int_equal(S.bounced, 1);
+    assert_int_equal(S.gets, 3);
+    assert_non_null(strstr(text, "\"recipients\":1"));
+    assert_non_null(strstr(text, "\"still_queued\":0"));
+}
+
+/* The main thread's stop, once the bounce has looked at the spool
+ * twice: e->stopping, as engine_stop sets it (it wakes no one). */
+static void *
+stop_after_two_looks(void *arg)
+{
+    uint64_t *at = arg;
+    struct timespec tick = {0, 1000000L};
+    for (;;) {
+        pthread_mutex_lock(&S.lock);
+        unsigned k = S.gets;
+        pthread_mutex_unlock(&S.lock);
+        if (k >= 2)
+            break;
+        nanosleep(&tick, NULL);
+    }
+    *at = mono_ms();
+    atomic_store(&S.e->stopping, true);
+    return NULL;
+}
+
+/* A stop while the bounce waits for a commit that does not come (the
+ * recipient stays in the spool): the wait ends within a look and a nap
+ * of the stop (each 200 ms here: a look at many envelopes), not at its
+ * 8 s (BOUNCE_WAIT_MS), which held the stop in ops_stop; the answer
+ * says the stop cut it, and how many are not known to be committed. */
+static void
+bounce_wait_ends_at_the_stop(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 1);
+    S.get_ms = 200;
+    uint64_t stop_at = 0;
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, stop_after_two_looks, &stop_at), 0);
+    char text[512];
+    int rc = bounce("a.test", text, sizeof(text));
+    uint64_t end = mono_ms();
+    assert_int_equal(pthread_join(th, NULL), 0);
+    print_message("the bounce answered %llu ms after the stop\n",
+                  (unsigned long long)(end - stop_at));
+    /* a look under way (200 ms) and a nap's step (20 ms); a loaded
+     * machine more, never the wait's 8 s */
+    assert_true(end - stop_at < 2000);
+    assert_int_equal(S.bounced, 1);
+    assert_int_not_equal(rc, 0);
+    assert_non_null(strstr(text, "bounced 1, then sluice stopped: 1 of them not known"));
+}
+
 int
 main(void)
 {
@@ -646,6 +801,9 @@ main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(flush_overtaken_by_a_stop_on_a_dead_spool_gives_up, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(bounce_answers_once_the_spool_shows_it_done, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(bounce_wait_ends_at_the_stop, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
