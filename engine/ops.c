@@ -88,6 +88,26 @@ wcall_on_worker(struct worker *w, struct worker_msg *m)
     wcall_unref(c);
 }
 
+/* Under c->lock: the workers answer concurrently, and one that answers
+ * late writes after its caller stopped waiting (wcall_run's -ETIMEDOUT)
+ * and read the answer. */
+void
+wcall_fail(struct wcall *c, int rc)
+{
+    pthread_mutex_lock(&c->lock);
+    c->rc = rc;
+    pthread_mutex_unlock(&c->lock);
+}
+
+int
+wcall_rc(struct wcall *c)
+{
+    pthread_mutex_lock(&c->lock);
+    int rc = c->rc;
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
 struct wcall *
 wcall_new(struct engine *e, wcall_fn *fn)
 {
@@ -148,7 +168,7 @@ suspend_on_worker(struct engine *e, unsigned w, struct wcall *c)
         rc = delivery_suspend_scope(e->dlv[w], (enum delivery_scope)c->kind, c->arg, c->flag,
                                     c->for_ms);
     if (rc < 0)
-        c->rc = rc; /* any worker's failure is the answer's */
+        wcall_fail(c, rc); /* any worker's failure is the answer's */
 }
 
 bool
@@ -402,7 +422,7 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
     c->kind = kind;
     c->for_ms = for_ms;
     int rc = wcall_run(c, -1);
-    int wrc = c->rc;
+    int wrc = wcall_rc(c);
     if (rc == 0 && wrc == 0)
         log_msg(LOG_NOTICE, "event=%s scope=%s name=\"%s\" for_ms=%llu",
                 on ? "suspended" : "resumed", delivery_scope_str((enum delivery_scope)kind),
@@ -1598,7 +1618,7 @@ sites_on_worker(struct engine *e, unsigned w, struct wcall *c)
 {
     struct slist *l = &((struct slist *)c->res)[w];
     if (delivery_sites(e->dlv[w], &l->v, &l->n, &l->cap) < 0)
-        c->rc = -ENOMEM;
+        wcall_fail(c, -ENOMEM);
 }
 
 static void
@@ -1646,9 +1666,10 @@ cmd_sites(struct engine *e, const char *args, struct json *out, char *err, size_
     }
     c->res = calloc(e->nworkers, sizeof(struct slist));
     c->res_free = free_slists;
-    if (c->res == NULL || wcall_run(c, -1) != 0 || c->rc != 0) {
-        snprintf(err, errlen, "%s",
-                 c->res == NULL || c->rc != 0 ? "out of memory" : "a worker did not answer");
+    int rc = c->res != NULL ? wcall_run(c, -1) : 0;
+    int wrc = c->res != NULL ? wcall_rc(c) : -ENOMEM;
+    if (rc != 0 || wrc != 0) {
+        snprintf(err, errlen, "%s", wrc != 0 ? "out of memory" : "a worker did not answer");
         wcall_unref(c);
         return -1;
     }

@@ -65,7 +65,7 @@ struct wcall {
     void *res;        /* owned: per call results, freed with the call */
     void (*res_free)(void *res, unsigned n);
     unsigned n;
-    int rc;
+    int rc;           /* a worker's failure, 0: none; under lock (wcall_fail, wcall_rc) */
     char arg[256];
     bool flag;
     int kind;         /* enum delivery_scope, for suspend */
@@ -85,6 +85,12 @@ struct wcall *wcall_new(struct engine *e, wcall_fn *fn);
 int wcall_run(struct wcall *c, int only);
 /* Let go of c (its results are freed with the last reference). */
 void wcall_unref(struct wcall *c);
+/* On a worker, in c->fn: the call failed with rc (the last failure is
+ * the answer's). */
+void wcall_fail(struct wcall *c, int rc);
+/* The workers' failure so far (0: none): after wcall_run, a late
+ * worker's too. */
+int wcall_rc(struct wcall *c);
 /* Is s a domain an operator may name: 1 to 253 octets of letters,
  * digits, '-', '.' and '_'? */
 bool domain_arg_ok(const char *s);

@@ -522,7 +522,7 @@ domains_on_worker(struct engine *e, unsigned w, struct wcall *c)
     delivery_stats(e->dlv[w], &st);
     l->deferrals = st.deferred;
     if (delivery_domains(e->dlv[w], &l->d, &l->n, &l->cap) < 0)
-        c->rc = -ENOMEM;
+        wcall_fail(c, -ENOMEM);
 }
 
 static void

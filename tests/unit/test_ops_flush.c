@@ -30,8 +30,11 @@
  * too, for the same fixture: the workers' side (delivery_submit_bounce)
  * and the spool's envelopes (queue_envelope_get, _free) are the test's,
  * which decides when the bounced recipient leaves the spool, and when
- * the stop begins.
+ * the stop begins. So is the answer of a worker that comes after its
+ * caller stopped waiting (wcall_run's WAIT_MS): "sites", its worker's
+ * side (delivery_sites) the test's, late and failed.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -132,6 +135,8 @@ void __wrap_delivery_submit_bounce(struct engine *e, uint64_t id, const char *do
                                    const unsigned *idx, unsigned n, const struct job_owner *owner);
 int __wrap_queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out);
 struct queue_envelope *__wrap_queue_envelope_free(struct queue_envelope *env);
+int __wrap_delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n,
+                          size_t *cap);
 
 struct queue_port *
 __wrap_queue_port_new(void)
@@ -342,6 +347,19 @@ __wrap_queue_envelope_free(struct queue_envelope *env)
 {
     free(env);
     return NULL;
+}
+
+/* A worker's sites: past its caller's wait (WAIT_MS, 2 s), and failed. */
+int
+__wrap_delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t *cap)
+{
+    (void)d;
+    (void)out;
+    (void)cap;
+    *n = 0;
+    struct timespec ts = {2, 300 * 1000000L};
+    nanosleep(&ts, NULL);
+    return -ENOMEM;
 }
 
 /* ---- the engine around it: one real worker, the rest absent ---- */
@@ -775,6 +793,25 @@ bounce_wait_ends_at_the_stop(void **state)
     assert_non_null(strstr(text, "bounced 1, then sluice stopped: 1 of them not known"));
 }
 
+/* A worker that answers after its caller gave up (wcall_run's
+ * -ETIMEDOUT), with a failure: the answer says it did not answer, and
+ * its failure is written under the call's lock, as the caller reads it
+ * (wcall_fail, wcall_rc). The write was bare: a data race with the
+ * caller's read that a build with -fsanitize=thread reports (the value
+ * read was right all the same: what this test sees without it). */
+static void
+sites_of_a_late_failed_worker_say_it_did_not_answer(void **state)
+{
+    (void)state;
+    struct json out;
+    json_init(&out);
+    char err[256] = "";
+    int rc = S.ops.command(S.ops.arg, "sites", "", NULL, &out, err, sizeof(err));
+    json_fini(&out);
+    assert_int_not_equal(rc, 0);
+    assert_string_equal(err, "a worker did not answer");
+}
+
 int
 main(void)
 {
@@ -804,6 +841,8 @@ main(void)
         cmocka_unit_test_setup_teardown(bounce_answers_once_the_spool_shows_it_done, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(bounce_wait_ends_at_the_stop, setup, teardown),
+        cmocka_unit_test_setup_teardown(sites_of_a_late_failed_worker_say_it_did_not_answer,
+                                        setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
