@@ -375,6 +375,15 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
     return rc < 0 ? rc : (int)n;
 }
 
+/* A TLS report's commit, once the stop has begun: this long more, then
+ * it is given up (engine_tlsrpt_mail). */
+#define TLSRPT_STOP_GRACE_MS 1000u
+/* Between looks at the stop while the commit is waited for. */
+#define TLSRPT_POLL_MS 100
+/* A commit not answered in this time is said (event=tlsrpt_enqueue_slow):
+ * the MTA-STS thread, policy fetches included, waits for it. */
+#define TLSRPT_SLOW_MS 2000u
+
 /* The mailer of TLS reports (tlsrpt.h), on the MTA-STS thread: the report
  * is DKIM-signed when the node signs for its From domain (here: the
  * signing threads serve the workers), committed to the spool with its
@@ -383,8 +392,16 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
  * report is delivered despite TLS failures, so opportunistic TLS whatever
  * the recipient domain's policy). The thread waits for the commit on a port
  * of its own: it serves no client, and a report is a few a day per
- * domain. A signature that cannot be made leaves the report unsigned
- * (logged): a key error must not stop the reports. */
+ * domain. That wait holds mail_lock, which the stop's first step takes
+ * (tlsrpt_set_mailer): once the stop has begun (e->stopping, looked at
+ * every TLSRPT_POLL_MS) a spool that does not answer (a dead disk) has
+ * TLSRPT_STOP_GRACE_MS more, then the send is given up (-ECANCELED,
+ * event=tlsrpt_enqueue_cut) and the port left to the exit: the spool's
+ * answer would come to it, its callback, never run, points into this
+ * frame. A report the spool commits after that is mailed at the next
+ * start, as any message in it. A signature that cannot be made leaves
+ * the report unsigned (logged): a key error must not stop the
+ * reports. */
 static int
 engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *text, size_t len)
 {
@@ -441,11 +458,41 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
     int rc = queue_enqueue_events(e->queue, port, &env, body, 2, have ? line.buf : NULL,
                                   have ? line.len : 0, local_on_commit, &c);
     /* done runs exactly once when the enqueue was taken */
-    while (rc == 0 && !c.done)
-        queue_port_wait(port, 1000);
-    if (rc == 0)
-        rc = c.rc;
-    queue_port_free(port);
+    uint64_t t0 = clock_mono_ms(), cut_at = 0;
+    bool cut = false, slow = false;
+    while (rc == 0 && !c.done) {
+        int ms = TLSRPT_POLL_MS;
+        uint64_t now = clock_mono_ms();
+        if (!slow && now - t0 >= TLSRPT_SLOW_MS) {
+            log_msg(LOG_WARN,
+                    "id=%s event=tlsrpt_enqueue_slow to=<%s> waited_ms=%llu "
+                    "note=mta_sts_thread_waits_for_the_spool",
+                    qid, rcpt, (unsigned long long)(now - t0));
+            slow = true;
+        }
+        if (atomic_load(&e->stopping)) {
+            if (cut_at == 0)
+                cut_at = now + TLSRPT_STOP_GRACE_MS;
+            if (now >= cut_at) {
+                cut = true;
+                break;
+            }
+            if (cut_at - now < (uint64_t)ms)
+                ms = (int)(cut_at - now);
+        }
+        queue_port_wait(port, ms);
+    }
+    if (cut) {
+        log_msg(LOG_WARN,
+                "id=%s event=tlsrpt_enqueue_cut to=<%s> waited_ms=%llu "
+                "note=stopping_spool_not_answering",
+                qid, rcpt, (unsigned long long)(clock_mono_ms() - t0));
+        rc = -ECANCELED;
+    } else {
+        if (rc == 0)
+            rc = c.rc;
+        queue_port_free(port);
+    }
     if (rc == 0) {
         if (have)
             dlog_line(lw, line.buf, line.len);
@@ -457,7 +504,7 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
         uint64_t cg = engine_config_enter(e);
         delivery_submit_local(e, id, rcpt, NULL, NULL, NULL, true);
         engine_config_leave(e, cg);
-    } else {
+    } else if (!cut) {
         log_msg(LOG_ERR, "event=tlsrpt_enqueue_failed to=<%s> err=\"%s\"", rcpt,
                 queue_strerror(rc));
     }
@@ -952,9 +999,12 @@ engine_stop(struct engine *e)
             atomic_store(&watch.stage, name);                                                      \
         test_hook_stop_stall(name);                                                                \
     } while (0)
+    STOP_STAGE("shaping_bounce_hook"); /* a bounce action's spool walk under way ends first */
     shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
     /* No report is mailed once the workers stop (it waits for the next
-     * start); a send in progress ends first. */
+     * start); a send in progress ends first, its commit waited for
+     * TLSRPT_STOP_GRACE_MS at most (engine_tlsrpt_mail). */
+    STOP_STAGE("tlsrpt_mail");
     if (e->mta_sts != NULL)
         tlsrpt_set_mailer(mta_sts_tlsrpt(e->mta_sts), NULL, NULL);
     STOP_STAGE("stats");

@@ -22,7 +22,9 @@ its MX does not match and tls = required, which hold ordinary mail there
 (RFC 8460 3: reports go despite TLS failures); a
 reload that turns [delivery] mta_sts on starts enforcing without a
 restart; a policy in use is fetched again before its max_age ends; a
-policy host whose first allowed address is down is fetched from the next.
+policy host whose first allowed address is down is fetched from the next;
+a stop does not wait long for a report's commit that the spool does not
+answer.
 sluice runs with https_proxy and all_proxy pointing at a listener on
 127.0.0.9 (outside allow_networks), which nothing may connect to: a
 fetch or report through it would have escaped the address checks."""
@@ -1021,6 +1023,68 @@ def test_reload_narrows_fetch_and_report_addresses():
         w.close()
 
 
+def test_stop_gives_up_a_report_whose_commit_hangs():
+    """A TLS report mailed by the node waits for its commit on the MTA-STS
+    thread holding the mailer's lock, which the stop takes first
+    (tlsrpt_set_mailer). A spool that does not answer (its write lock
+    held by mdb_load, as a dead disk holds the committer) held the stop
+    there until its last bound gave it up naming the wrong stage
+    (stop_stuck stage=workers). Now the send is given up a second into
+    the stop (event=tlsrpt_enqueue_cut), the stop goes on, and it is
+    given up where the spool holds it (the bound 5 s here)."""
+    if run(["which", "mdb_load"]).returncode != 0:
+        skip("mdb_load not installed (tools/install-deps --test)")
+    from test_dkim import writer_waits_for_lock
+    w = World()
+    hold = None
+    try:
+        # the drain, 1 s (worker 0's due poll waits on the spool: the
+        # whole drain_timeout), then the stop with a bound of 5 s
+        w.d.stop_clean()
+        with open(w.conf) as f:
+            text = f.read()
+        with open(w.conf, "w") as f:
+            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        with extra_env({"SLUICE_TEST_STOP_BOUND_MS": "5000"}):
+            w.start()
+        w.send("a@badcert.test")  # a TLS failure under an enforce policy: counted
+        assert "event=deferred" in w.outcome("a@badcert.test")
+        hold = subprocess.Popen(["mdb_load", "-s", "rcpt", os.path.join(w.wd.path, "spool")],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        # mdb_load takes the write lock once it has read a header, then
+        # waits for records that never come until its input is closed.
+        hold.stdin.write(b"VERSION=3\nformat=bytevalue\ntype=btree\nHEADER=END\n")
+        hold.stdin.flush()
+        wait_until(lambda: writer_waits_for_lock(w.d.proc.pid), 30,
+                   "the spool's writer to wait behind mdb_load")
+        assert w.ctl("tlsrpt flush").get("ok") is not False
+        # badcert.test's rua names the mailto: address first: the send
+        # waits for the report's commit
+        line = w.d.wait_log("event=tlsrpt_enqueue_slow to=<tlsrpt@reports.test>")
+        qid = dict(log_fields(line))["id"]
+        w.d.signal(signal.SIGTERM)
+        try:
+            rc = w.d.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the stop was not bounded:\n" + "\n".join(w.d.lines[-20:]))
+        w.d.reader.join(10)
+        cut = w.d.log_lines("event=tlsrpt_enqueue_cut")
+        assert len(cut) == 1 and f"id={qid} " in cut[0], w.d.lines[-20:]
+        assert rc == 70, (rc, w.d.lines[-20:])
+        stuck = w.d.log_lines("event=stop_stuck")
+        assert len(stuck) == 1, w.d.lines[-20:]
+        # past the mailer: the workers' wait for the spool's answers (the
+        # due poll's take waits behind mdb_load too), or its close
+        stage = dict(log_fields(stuck[0]))["stage"]
+        assert stage in ("servers_and_spool_answers", "spool"), stuck
+    finally:
+        if hold is not None:
+            hold.kill()
+            hold.wait()
+        w.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
@@ -1028,4 +1092,5 @@ if __name__ == "__main__":
           test_policy_id_change_fetches_again, test_policy_refreshed_before_it_ends,
           test_policy_host_addresses, test_reload_turns_mta_sts_on,
           test_report_answer_not_on_stdout, test_sessions_counted_while_a_report_posts_go_in_the_next,
-          test_reload_narrows_fetch_and_report_addresses])
+          test_reload_narrows_fetch_and_report_addresses,
+          test_stop_gives_up_a_report_whose_commit_hangs])
