@@ -1385,6 +1385,48 @@ def test_bounce_of_mail_on_a_connection_says_it_stayed():
         r.close()
 
 
+def test_stop_ends_a_bounce_waiting_for_its_commits():
+    """A SIGTERM while `sluicectl bounce` waits for a recipient a
+    transaction holds (its 8 s): the stop, past its drain (1 s here),
+    waited in ops_stop for the rest of those 8 s before any worker was
+    told to stop. Now the bounce's wait ends when the stop begins, and
+    the log says so (note=stopping) with the recipient not known to be
+    committed."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"],
+              domain_conf=stats_conf("[server]\ndrain_timeout = 1s\n"))
+    bounce = None
+    try:
+        r.inject([msg(0, ["a@slow.test"])], sessions=1)
+        wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
+                   "the message on a connection")
+        qid = ctl_json(r, "queue")["messages"][0]["id"]
+        bounce = subprocess.Popen([SLUICECTL, "-s", sock_of(r), "--json", "bounce", qid],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        r.d.wait_log("event=operator_bounce_skipped")
+        t0 = time.monotonic()
+        r.d.signal(signal.SIGTERM)
+        try:
+            rc = r.d.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("sluice did not exit within 30 s of SIGTERM")
+        took = time.monotonic() - t0
+        r.d.reader.join(5)
+        r.d.check_sanitizers()
+        assert rc == 0, f"exit {rc}:\n" + "\n".join(r.d.lines[-20:])
+        # the drain's 1 s and the stop; the bounce's wait ended at 8 s
+        # from its start (7 s after the SIGTERM at least)
+        assert took < 5, f"took {took:.1f}s to stop"
+        (line,) = r.d.log_lines("event=operator_bounce what=")
+        assert "recipients=1 still_queued=1 note=stopping" in line, line
+        bounce.communicate(timeout=30)
+        assert bounce.returncode != 0  # not told done (the stats socket closed first)
+    finally:
+        if bounce is not None and bounce.poll() is None:
+            bounce.kill()
+            bounce.wait()
+        r.close()
+
+
 def test_stats_answer_while_a_command_waits():
     """The engine's commands run on a thread of their own: while a bounce
     waits for a transaction under way (8 s), another client's stats, its
@@ -2048,6 +2090,7 @@ if __name__ == "__main__":
           test_due_paused_only_when_something_is_due,
           test_active_limit_leaves_out_a_suspended_domains_mail,
           test_stats_answer_while_a_command_waits,
+          test_stop_ends_a_bounce_waiting_for_its_commits,
           test_commands_queued_leave_room_for_stats, test_sluicectl_shows_a_refusal,
           test_sluicectl_suppress_too_long_says_so, test_durations_round_to_nearest,
           test_spool_tool_refuses_a_directory_without_a_spool,
