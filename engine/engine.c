@@ -375,13 +375,9 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
     return rc < 0 ? rc : (int)n;
 }
 
-/* A TLS report's commit, once the stop has begun: this long more, then
- * it is given up (engine_tlsrpt_mail). */
-#define TLSRPT_STOP_GRACE_MS 1000u
-/* Between looks at the stop while the commit is waited for. */
-#define TLSRPT_POLL_MS 100
-/* A commit not answered in this time is said (event=tlsrpt_enqueue_slow):
- * the MTA-STS thread, policy fetches included, waits for it. */
+/* A TLS report's commit not answered in this time is said
+ * (event=tlsrpt_enqueue_slow): the MTA-STS thread, policy fetches
+ * included, waits for it. */
 #define TLSRPT_SLOW_MS 2000u
 
 /* The mailer of TLS reports (tlsrpt.h), on the MTA-STS thread: the report
@@ -393,15 +389,13 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
  * the recipient domain's policy). The thread waits for the commit on a port
  * of its own: it serves no client, and a report is a few a day per
  * domain. That wait holds mail_lock, which the stop's first step takes
- * (tlsrpt_set_mailer): once the stop has begun (e->stopping, looked at
- * every TLSRPT_POLL_MS) a spool that does not answer (a dead disk) has
- * TLSRPT_STOP_GRACE_MS more, then the send is given up (-ECANCELED,
- * event=tlsrpt_enqueue_cut) and the port left to the exit: the spool's
- * answer would come to it, its callback, never run, points into this
- * frame. A report the spool commits after that is mailed at the next
- * start, as any message in it. A signature that cannot be made leaves
- * the report unsigned (logged): a key error must not stop the
- * reports. */
+ * (tlsrpt_set_mailer, stage "tlsrpt_mail"), and it is not cut short:
+ * the spool borrows the report's text and signature until it answers,
+ * so they cannot be freed before. A spool that never answers (a dead
+ * disk) holds the stop there until the stop's own bound gives it up,
+ * naming that stage (event=stop_stuck stage=tlsrpt_mail). A signature
+ * that cannot be made leaves the report unsigned (logged): a key error
+ * must not stop the reports. */
 static int
 engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *text, size_t len)
 {
@@ -458,10 +452,9 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
     int rc = queue_enqueue_events(e->queue, port, &env, body, 2, have ? line.buf : NULL,
                                   have ? line.len : 0, local_on_commit, &c);
     /* done runs exactly once when the enqueue was taken */
-    uint64_t t0 = clock_mono_ms(), cut_at = 0;
-    bool cut = false, slow = false;
+    uint64_t t0 = clock_mono_ms();
+    bool slow = false;
     while (rc == 0 && !c.done) {
-        int ms = TLSRPT_POLL_MS;
         uint64_t now = clock_mono_ms();
         if (!slow && now - t0 >= TLSRPT_SLOW_MS) {
             log_msg(LOG_WARN,
@@ -470,29 +463,11 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
                     qid, rcpt, (unsigned long long)(now - t0));
             slow = true;
         }
-        if (atomic_load(&e->stopping)) {
-            if (cut_at == 0)
-                cut_at = now + TLSRPT_STOP_GRACE_MS;
-            if (now >= cut_at) {
-                cut = true;
-                break;
-            }
-            if (cut_at - now < (uint64_t)ms)
-                ms = (int)(cut_at - now);
-        }
-        queue_port_wait(port, ms);
+        queue_port_wait(port, slow ? 1000 : (int)(TLSRPT_SLOW_MS - (now - t0)));
     }
-    if (cut) {
-        log_msg(LOG_WARN,
-                "id=%s event=tlsrpt_enqueue_cut to=<%s> waited_ms=%llu "
-                "note=stopping_spool_not_answering",
-                qid, rcpt, (unsigned long long)(clock_mono_ms() - t0));
-        rc = -ECANCELED;
-    } else {
-        if (rc == 0)
-            rc = c.rc;
-        queue_port_free(port);
-    }
+    if (rc == 0)
+        rc = c.rc;
+    queue_port_free(port);
     if (rc == 0) {
         if (have)
             dlog_line(lw, line.buf, line.len);
@@ -504,7 +479,7 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
         uint64_t cg = engine_config_enter(e);
         delivery_submit_local(e, id, rcpt, NULL, NULL, NULL, true);
         engine_config_leave(e, cg);
-    } else if (!cut) {
+    } else {
         log_msg(LOG_ERR, "event=tlsrpt_enqueue_failed to=<%s> err=\"%s\"", rcpt,
                 queue_strerror(rc));
     }

@@ -102,9 +102,8 @@ void tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res);
 
 /* The engine's mailer: commit one message from `from` to `rcpt` (text:
  * CRLF lines, 7-bit) to the spool and hand it to delivery. Returns 0 once
- * it is durable, or a negative code (-ECANCELED: the stop gave up waiting
- * for the commit). Runs on the MTA-STS thread, which it may block for one
- * commit. */
+ * it is durable, or a negative code. Runs on the MTA-STS thread, which it
+ * may block for one commit. */
 typedef int tlsrpt_mail_fn(void *arg, const char *from, const char *rcpt, const char *text,
                            size_t len);
 /* Set (fn NULL: clear) the mailer. Without one, mailto: addresses are

@@ -276,7 +276,7 @@ mail_start(struct tlsrpt *r, struct day *d, const char *uri, const char *report_
         if (r->mail == NULL)
             why = "mail not ready (starting or stopping)";
         else if ((rc = r->mail(r->mail_arg, from, to, text, len)) < 0)
-            why = rc == -ECANCELED ? "the stop gave up its commit" : "the spool did not take it";
+            why = "the spool did not take it";
         pthread_mutex_unlock(&r->mail_lock);
     }
     free(text);
