@@ -32,7 +32,8 @@
  * which decides when the bounced recipient leaves the spool, and when
  * the stop begins. So is the answer of a worker that comes after its
  * caller stopped waiting (wcall_run's WAIT_MS): "sites", its worker's
- * side (delivery_sites) the test's, late and failed.
+ * side (delivery_sites) the test's, failed, and held until the caller
+ * has given up.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -105,6 +106,9 @@ static struct {
      * recipient has left the spool (0: never), and how long each read
      * takes (a mass bounce's look at many envelopes) */
     unsigned bounced, gets, gone_at, get_ms;
+    /* sites: the worker's answer waits for sites_go (the caller gave
+     * up), sites_done once it answered; under lock */
+    bool sites_go, sites_done;
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* The test's port: the answers it holds until a wait drains them. */
@@ -349,7 +353,24 @@ __wrap_queue_envelope_free(struct queue_envelope *env)
     return NULL;
 }
 
-/* A worker's sites: past its caller's wait (WAIT_MS, 2 s), and failed. */
+/* Poll flag (under S.lock) every ms for up to 30 s: whether it was set. */
+static bool
+flag_wait(const bool *flag)
+{
+    struct timespec tick = {0, 1000000L};
+    for (unsigned i = 0; i < 30000; i++) {
+        pthread_mutex_lock(&S.lock);
+        bool set = *flag;
+        pthread_mutex_unlock(&S.lock);
+        if (set)
+            return true;
+        nanosleep(&tick, NULL);
+    }
+    return false;
+}
+
+/* A worker's sites: after its caller gave up waiting (WAIT_MS; the test
+ * says when: sites_go), and failed. */
 int
 __wrap_delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t *cap)
 {
@@ -357,8 +378,10 @@ __wrap_delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n,
     (void)out;
     (void)cap;
     *n = 0;
-    struct timespec ts = {2, 300 * 1000000L};
-    nanosleep(&ts, NULL);
+    flag_wait(&S.sites_go);
+    pthread_mutex_lock(&S.lock);
+    S.sites_done = true;
+    pthread_mutex_unlock(&S.lock);
     return -ENOMEM;
 }
 
@@ -417,6 +440,7 @@ setup(void **state)
     S.via_port = S.held = false;
     S.stop_at = S.requests = S.waited_ms = 0;
     S.bounced = S.gets = S.gone_at = S.get_ms = 0;
+    S.sites_go = S.sites_done = false;
     S.e = &f->e;
     S.last = NULL;
     *state = f;
@@ -427,6 +451,7 @@ static int
 teardown(void **state)
 {
     struct fx *f = *state;
+    alarm(0); /* a backstop a failed assertion left armed ends with its test */
     if (S.last != NULL) { /* left to the exit by a flush cut: the exit's */
         free(S.last);
         S.last = NULL;
@@ -808,6 +833,12 @@ sites_of_a_late_failed_worker_say_it_did_not_answer(void **state)
     char err[256] = "";
     int rc = S.ops.command(S.ops.arg, "sites", "", NULL, &out, err, sizeof(err));
     json_fini(&out);
+    /* the worker answers now, after its caller gave up, however late
+     * either thread ran: no margin of the machine's to lose */
+    pthread_mutex_lock(&S.lock);
+    S.sites_go = true;
+    pthread_mutex_unlock(&S.lock);
+    assert_true(flag_wait(&S.sites_done));
     assert_int_not_equal(rc, 0);
     assert_string_equal(err, "a worker did not answer");
 }
