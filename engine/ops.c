@@ -1035,8 +1035,8 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
     free(w.v);
     if (stopped) {
         snprintf(err, errlen,
-                 "bounced %zu, then sluice stopped: %zu of them not known to be committed "
-                 "(any still queued at the next start: bounce again)",
+                 "bounced %zu, then sluice stopped: %zu of them still queued or not known "
+                 "to be committed (any still queued at the next start: bounce again)",
                  done, still);
         return -1;
     }
