@@ -967,6 +967,7 @@ engine_stop(struct engine *e)
 {
     struct stop_watch watch;
     atomic_store(&e->stopping, true); /* before ops_stop waits for a command under way */
+    engine_reload_stopping(e);        /* a `sluicectl reload` waits no more: no SIGHUP now */
     bool watched = e->nworkers > 0 && stop_watch_start(&watch);
 #define STOP_STAGE(name)                                                                           \
     do {                                                                                           \

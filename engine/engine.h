@@ -153,7 +153,8 @@ struct engine {
                                   * body_memory_limit (server_msg.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     atomic_bool stopping;      /* engine_stop began: an operator's command waiting for
-                                * the spool gives up (ops.c flush_wait, bounce_wait) */
+                                * the spool gives up (ops.c flush_wait, bounce_wait),
+                                * and one waiting for a reload (engine_reload_wait) */
     uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
                                  * spool's last commits, one bound for every worker
                                  * (engine_stop sets it, server_worker_free waits); 0:
@@ -245,6 +246,9 @@ int engine_reload(struct engine *e, const struct config *ncfg);
 /* The main thread, after each SIGHUP: the reload took (ok), or why not
  * (NULL: what engine_reload itself refused for). Wakes engine_reload_wait. */
 void engine_reload_done(struct engine *e, bool ok, const char *why);
+/* The stop began (e->stopping set just before): wakes engine_reload_wait,
+ * which gives up. Main thread. */
+void engine_reload_stopping(struct engine *e);
 /* The reloads finished so far (a generation to wait past). */
 uint64_t engine_reload_gen(struct engine *e);
 /* A finished reload, as engine_reload_wait tells it. */
@@ -257,7 +261,10 @@ struct engine_reload_outcome {
                          * kept): its first error; "": loaded, or none */
 };
 /* Wait up to timeout_ms for a reload to finish after generation gen.
- * Returns 1 (it took), 0 (refused: out->why says), or -ETIMEDOUT. */
+ * Returns 1 (it took), 0 (refused: out->why says), -ETIMEDOUT, or
+ * -ECANCELED: the stop began (e->stopping) before it finished, and the
+ * main thread takes no SIGHUP any more. A reload finished before the
+ * stop began is told as it went (1 or 0). */
 int engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
                        struct engine_reload_outcome *out);
 /* A reference to the current users table (NULL when AUTH is off); any

@@ -6,17 +6,20 @@
  * applies logged as kept (report_kept); the files read again under the
  * same names whose contents changed (enum reread, engine_int.h) added to
  * the changed list; the outcome kept for `sluicectl reload`
- * (engine_reload_done, engine_reload_wait); and the configs a reload
+ * (engine_reload_done, engine_reload_wait; the stop ends that wait:
+ * engine_reload_stopping); and the configs a reload
  * left alive, asked of the workers and freed (engine_config_collect,
  * config_gen.h). The start, the stop and the loads both share (the users
  * file, the TLS contexts) are engine.c's.
  *
- * Threading: engine_reload, engine_reload_done and engine_config_collect
- * on the main thread; park_on_worker and gens_on_worker on each worker;
- * engine_reload_wait and the config's enter/leave on any thread.
+ * Threading: engine_reload, engine_reload_done, engine_reload_stopping
+ * and engine_config_collect on the main thread; park_on_worker and
+ * gens_on_worker on each worker; engine_reload_wait and the config's
+ * enter/leave on any thread.
  */
 #include "engine/engine.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -453,6 +456,16 @@ engine_reload_gen(struct engine *e)
     return g;
 }
 
+void
+engine_reload_stopping(struct engine *e)
+{
+    /* Under the lock: a waiter that looked at e->stopping before it was
+     * set is in its wait by now, and this wakes it. */
+    pthread_mutex_lock(&e->reload_lock);
+    pthread_cond_broadcast(&e->reload_cv);
+    pthread_mutex_unlock(&e->reload_lock);
+}
+
 int
 engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
                    struct engine_reload_outcome *out)
@@ -460,10 +473,16 @@ engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
     struct timespec until = clock_mono_deadline(timeout_ms);
     int rc = -ETIMEDOUT;
     pthread_mutex_lock(&e->reload_lock);
-    while (e->reload_gen == gen)
+    /* Once the stop has begun the main thread takes no SIGHUP: a reload
+     * not finished by then never will be. Waited for, it held the stop
+     * up to timeout_ms (ops_stop waits for this command): the stop wakes
+     * it (engine_reload_stopping). */
+    while (e->reload_gen == gen && !atomic_load(&e->stopping))
         if (pthread_cond_timedwait(&e->reload_cv, &e->reload_lock, &until) != 0)
             break;
-    if (e->reload_gen != gen) {
+    if (e->reload_gen == gen && atomic_load(&e->stopping))
+        rc = -ECANCELED;
+    if (e->reload_gen != gen) { /* finished, the stop begun or not: its outcome */
         rc = e->reload_ok ? 1 : 0;
         snprintf(out->why, sizeof(out->why), "%s", e->reload_why);
         snprintf(out->changed, sizeof(out->changed), "%s", rc == 1 ? e->reload_changed : "");

@@ -10,7 +10,8 @@
  * spool is read directly (its API is thread-safe); operator bounces are
  * posted to the workers that own their destinations, which commit them
  * as any outcome, and their answer waits until the spool shows them done
- * (or the stop begins: e->stopping, which a flush's wait observes too).
+ * (or the stop begins: e->stopping, which a flush's wait observes too,
+ * and a reload's: engine_reload_wait).
  *
  * Threading: the stats thread (counters, domains) and its command thread
  * (ops_command, one command at a time), concurrently: what both reach is
@@ -1760,7 +1761,8 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same, and waits
          * for its outcome (a SIGHUP from elsewhere meanwhile may answer
-         * for this one: it read the same file). */
+         * for this one: it read the same file), or for the stop, after
+         * which it takes no SIGHUP. */
         uint64_t gen = engine_reload_gen(e);
         kill(getpid(), SIGHUP);
         struct engine_reload_outcome *o = calloc(1, sizeof(*o));
@@ -1769,6 +1771,13 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
             return -1;
         }
         int rc = engine_reload_wait(e, gen, RELOAD_WAIT_MS, o);
+        if (rc == -ECANCELED) {
+            /* as flush's and bounce's "then sluice stopped" */
+            snprintf(err, errlen,
+                     "sluice is stopping: the reload was not done (the next start reads the file)");
+            free(o);
+            return -1;
+        }
         if (rc == 0) {
             snprintf(err, errlen, "reload refused, the running config is kept: %s", o->why);
             free(o);

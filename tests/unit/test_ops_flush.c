@@ -34,7 +34,15 @@
  * caller stopped waiting (wcall_run's WAIT_MS): "sites", its worker's
  * side (delivery_sites) the test's, failed, and held until the caller
  * has given up.
+ *
+ * And a reload's wait for its outcome (`reload`, engine_reload_wait),
+ * which the stop ends too (engine_reload_stopping): the main thread's
+ * SIGHUP is taken by the test's thread (blocked in every thread, waited
+ * for with sigtimedwait), which plays the main thread's part; that the
+ * command is in its wait is told by the condition variable's wait itself
+ * (pthread_cond_timedwait, wrapped, on e->reload_cv).
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -51,6 +59,7 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "common/json.h"
 #include "engine/config.h"
 #include "engine/delivery.h"
@@ -109,6 +118,7 @@ static struct {
     /* sites: the worker's answer waits for sites_go (the caller gave
      * up), sites_done once it answered; under lock */
     bool sites_go, sites_done;
+    atomic_bool reload_waiting; /* a wait on e->reload_cv began */
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* The test's port: the answers it holds until a wait drains them. */
@@ -141,6 +151,8 @@ int __wrap_queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelop
 struct queue_envelope *__wrap_queue_envelope_free(struct queue_envelope *env);
 int __wrap_delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n,
                           size_t *cap);
+int __wrap_pthread_cond_timedwait(pthread_cond_t *cv, pthread_mutex_t *m,
+                                  const struct timespec *until);
 
 struct queue_port *
 __wrap_queue_port_new(void)
@@ -385,6 +397,27 @@ __wrap_delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n,
     return -ENOMEM;
 }
 
+/* Every wait of the engine's, as it was; one on the reload's condition
+ * variable is told first (its caller holds reload_lock: whoever takes
+ * the lock after seeing the flag finds it waiting). libc's own is found
+ * by name: ld (2.40) leaves __real_ of a versioned libc symbol undefined. */
+int
+__wrap_pthread_cond_timedwait(pthread_cond_t *cv, pthread_mutex_t *m, const struct timespec *until)
+{
+    typedef int wait_fn(pthread_cond_t *, pthread_mutex_t *, const struct timespec *);
+    static wait_fn *_Atomic real;
+    wait_fn *fn = atomic_load(&real);
+    if (fn == NULL) {
+        *(void **)&fn = dlsym(RTLD_NEXT, "pthread_cond_timedwait");
+        if (fn == NULL)
+            abort();
+        atomic_store(&real, fn);
+    }
+    if (S.e != NULL && cv == &S.e->reload_cv)
+        atomic_store(&S.reload_waiting, true);
+    return fn(cv, m, until);
+}
+
 /* ---- the engine around it: one real worker, the rest absent ---- */
 
 struct fx {
@@ -430,6 +463,9 @@ setup(void **state)
     f->e.workers = &f->w;
     f->e.dlv = f->dlv; /* read only by the wrapped delivery_lift_holds */
     f->e.queue = (struct queue *)f; /* a token: every spool call is the test's */
+    /* as engine_start: the reload's wait is on the monotonic clock */
+    pthread_mutex_init(&f->e.reload_lock, NULL);
+    clock_cond_init_mono(&f->e.reload_cv);
     char err[256];
     assert_int_equal(ops_start(&f->e, err, sizeof(err)), 0);
     assert_non_null(S.ops.command);
@@ -441,6 +477,7 @@ setup(void **state)
     S.stop_at = S.requests = S.waited_ms = 0;
     S.bounced = S.gets = S.gone_at = S.get_ms = 0;
     S.sites_go = S.sites_done = false;
+    atomic_store(&S.reload_waiting, false);
     S.e = &f->e;
     S.last = NULL;
     *state = f;
@@ -460,6 +497,8 @@ teardown(void **state)
     worker_stop(&f->w);
     assert_int_equal(worker_join(&f->w), 0);
     worker_fini(&f->w);
+    pthread_mutex_destroy(&f->e.reload_lock);
+    pthread_cond_destroy(&f->e.reload_cv);
     config_free(f->cfg);
     free(f);
     return 0;
@@ -844,9 +883,145 @@ sites_of_a_late_failed_worker_say_it_did_not_answer(void **state)
     assert_string_equal(err, "a worker did not answer");
 }
 
+/* Run "reload" as the stats thread does: its return, the answer's JSON
+ * or the error in text. */
+static int
+reload(char *text, size_t cap)
+{
+    struct json out;
+    json_init(&out);
+    char err[256] = "";
+    int rc = S.ops.command(S.ops.arg, "reload", "", NULL, &out, err, sizeof(err));
+    if (rc == 0)
+        snprintf(text, cap, "%.*s", (int)out.len, out.buf);
+    else
+        snprintf(text, cap, "%s", err);
+    json_fini(&out);
+    return rc;
+}
+
+/* The SIGHUP the command raised (blocked in every thread: main), within
+ * ms; false if none came. */
+static bool
+hup_taken(unsigned ms)
+{
+    sigset_t hup;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    return sigtimedwait(&hup, NULL, &t) == SIGHUP;
+}
+
+/* The main thread's part while a reload command waits: it takes the
+ * SIGHUP, then, once the command waits on reload_cv, either begins the
+ * stop (engine_stop's first steps) or finishes the reload and then
+ * begins the stop. */
+struct main_part {
+    bool reload_first; /* engine_reload_done before the stop */
+    bool hup, waiting; /* what it saw */
+    uint64_t stop_at;  /* mono ms */
+};
+
+static void *
+main_part_run(void *arg)
+{
+    struct main_part *m = arg;
+    m->hup = hup_taken(10000);
+    struct timespec tick = {0, 1000000L};
+    for (unsigned i = 0; i < 10000 && !(m->waiting = atomic_load(&S.reload_waiting)); i++)
+        nanosleep(&tick, NULL);
+    if (m->reload_first) {
+        /* The stop's flag first, waking no one; then the outcome, whose
+         * wake finds both: a reload that finished is told as it went. */
+        atomic_store(&S.e->stopping, true);
+        engine_reload_done(S.e, true, NULL);
+        m->stop_at = mono_ms();
+        return NULL;
+    }
+    m->stop_at = mono_ms();
+    atomic_store(&S.e->stopping, true); /* as engine_stop */
+    engine_reload_stopping(S.e);
+    return NULL;
+}
+
+/* A stop while `reload` waits for its outcome: the main thread takes no
+ * SIGHUP once it stops, and the wait went on for its 8 s
+ * (RELOAD_WAIT_MS) inside the command thread ops_stop waits for, which
+ * held the stop as long, then answered "requested". It ends at the stop,
+ * an error that says the reload was not done. */
+static void
+reload_wait_ends_at_the_stop(void **state)
+{
+    (void)state;
+    struct main_part m = {0};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
+    char text[512];
+    backstop_arm("a reload's wait overtaken by a stop");
+    int rc = reload(text, sizeof(text));
+    uint64_t end = mono_ms();
+    backstop_clear();
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(m.hup);
+    assert_true(m.waiting);
+    print_message("the reload answered %llu ms after the stop\n",
+                  (unsigned long long)(end - m.stop_at));
+    assert_true(end - m.stop_at < 2000); /* a loaded machine; never the wait's 8 s */
+    assert_int_not_equal(rc, 0);
+    assert_string_equal(text, "sluice is stopping: the reload was not done "
+                              "(the next start reads the file)");
+}
+
+/* A reload asked once the stop has begun (stopping set, ops_stop not yet
+ * there: the stop's first stages) answers at once, as above. */
+static void
+reload_after_the_stop_began_answers_at_once(void **state)
+{
+    (void)state;
+    atomic_store(&S.e->stopping, true);
+    char text[512];
+    uint64_t start = mono_ms();
+    backstop_arm("a reload asked after the stop began");
+    int rc = reload(text, sizeof(text));
+    backstop_clear();
+    uint64_t took = mono_ms() - start;
+    (void)hup_taken(1000); /* its SIGHUP, left pending by now */
+    print_message("the reload answered in %llu ms\n", (unsigned long long)took);
+    assert_true(took < 2000);
+    assert_int_not_equal(rc, 0);
+    assert_non_null(strstr(text, "sluice is stopping: the reload was not done"));
+}
+
+/* A reload that finished before the stop is told as it went, the stop
+ * seen by the same wake notwithstanding. */
+static void
+reload_finished_before_the_stop_is_told_as_done(void **state)
+{
+    (void)state;
+    struct main_part m = {.reload_first = true};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
+    char text[512];
+    backstop_arm("a reload finished as the stop began");
+    int rc = reload(text, sizeof(text));
+    backstop_clear();
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(m.hup);
+    assert_true(m.waiting);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(text, "\"reload\":\"done\""));
+}
+
 int
 main(void)
 {
+    /* The reload command's SIGHUP (kill(getpid())) is the test's to take
+     * (hup_taken): blocked before any thread starts, every one inherits
+     * it. */
+    sigset_t hup;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &hup, NULL);
     /* A worker's ring, or skip (77: ctest's SKIP_RETURN_CODE): a skip()
      * in a setup is reported as a failed setup. */
     struct worker probe;
@@ -875,6 +1050,11 @@ main(void)
         cmocka_unit_test_setup_teardown(bounce_wait_ends_at_the_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(sites_of_a_late_failed_worker_say_it_did_not_answer,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(reload_wait_ends_at_the_stop, setup, teardown),
+        cmocka_unit_test_setup_teardown(reload_after_the_stop_began_answers_at_once, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(reload_finished_before_the_stop_is_told_as_done, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
