@@ -978,8 +978,8 @@ engine_stop(struct engine *e)
     STOP_STAGE("shaping_bounce_hook"); /* a bounce action's spool walk under way ends first */
     shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
     /* No report is mailed once the workers stop (it waits for the next
-     * start); a send in progress ends first, its commit waited for
-     * TLSRPT_STOP_GRACE_MS at most (engine_tlsrpt_mail). */
+     * start); a send in progress ends first, once the spool answered its
+     * commit (engine_tlsrpt_mail). */
     STOP_STAGE("tlsrpt_mail");
     if (e->mta_sts != NULL)
         tlsrpt_set_mailer(mta_sts_tlsrpt(e->mta_sts), NULL, NULL);
