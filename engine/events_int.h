@@ -120,7 +120,8 @@ struct events {
     _Atomic bool stopping; /* stop, read without mu: a request in flight gives up */
     uint64_t appends;      /* bumped on every append or skip: sinks wait for a change */
     uint64_t pump_failing_ms; /* under mu: Unix ms of the first of the appends failing
-                               * since the last that went in (0: none failing) */
+                               * since the last that went in, or since the pump last
+                               * caught up (0: none failing) */
     uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
     struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
     unsigned nsinks;

@@ -244,6 +244,13 @@ events_pump_main(void *arg)
         queue_port_drain(ev->port);
         int rc = pump_move(ev);
         pthread_mutex_lock(&ev->mu);
+        /* Caught up (also without an append: numbers skipped, the
+         * spool's records gone): no event waits in the spool for a
+         * journal that refuses it. Cleared by an append alone, the age
+         * of a failure stayed, and events_stats gave it to every event
+         * pending after that. */
+        if (rc == 0)
+            ev->pump_failing_ms = 0;
         if (rc < 0) {
             events_wait_until(ev, events_mono_ms() + PUMP_RETRY_MS);
         } else if (rc == 0) {

@@ -753,10 +753,11 @@ test_skip_whose_sync_failed_is_told(void **state)
 }
 
 /* While hold_append is set, a pwritev(2) to a journal segment (the
- * pump's append) waits until it is cleared, append_held set meanwhile.
+ * pump's append) waits until it is cleared, append_held set meanwhile;
+ * while fail_append is set, it fails with ENOSPC (the journal's disk full).
  * While fail_spool_writes is set, pwrite(2) and writev(2) to the spool's
  * data file (LMDB writes its pages with them) fail with EIO, counted. */
-static atomic_bool hold_append, append_held, fail_spool_writes;
+static atomic_bool hold_append, append_held, fail_append, fail_spool_writes;
 static atomic_uint spool_writes_failed;
 
 ssize_t
@@ -769,6 +770,10 @@ pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
         atomic_store(&append_held, true);
         for (int i = 0; i < 60000 && atomic_load(&hold_append); i++)
             nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    if (atomic_load(&fail_append) && fd_path_ends(fd, ".seg")) {
+        errno = ENOSPC;
+        return -1;
     }
     return real(fd, iov, cnt, off);
 }
@@ -810,7 +815,64 @@ faults_clear(void)
     dir_sync_fails = false;
     atomic_store(&hold_append, false);
     atomic_store(&append_held, false);
+    atomic_store(&fail_append, false);
     atomic_store(&fail_spool_writes, false);
+}
+
+/* While the journal refuses the pump's appends (its disk full), the
+ * sinks' oldest pending event is as old as the first failure at least
+ * (events_stats). The age was cleared by an append alone: a pump that
+ * caught up otherwise (here the spool's records trimmed behind it, as
+ * when a spool's unconfirmed lines are removed: it numbers on past them)
+ * left it set, and every event pending after that was given an age
+ * growing from the old failure. */
+static void
+test_pump_caught_up_by_a_skip_ends_its_failing_age(void **state)
+{
+    (void)state;
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    atomic_store(&fail_append, true);
+    struct events *ev = start(&c, 1);
+    put_lines(0, 20);
+    uint64_t failing = 0;
+    for (int i = 0; i < 10000 && failing == 0; i++) {
+        pthread_mutex_lock(&ev->mu);
+        failing = ev->pump_failing_ms;
+        pthread_mutex_unlock(&ev->mu);
+        if (failing == 0)
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    nanosleep(&(struct timespec){0, 5000000}, NULL); /* an age of a few ms */
+    struct events_sink_stats failed = {0};
+    assert_int_equal(events_stats(ev, &failed, 1), 1);
+    /* the spool's records gone while the appends fail */
+    assert_int_equal(queue_events_trim(q, port, 20, put_done, NULL), 0);
+    while (queue_port_pending(port) > 0)
+        assert_true(queue_port_wait(port, 10000) >= 0);
+    atomic_store(&fail_append, false);
+    struct journal_pos end = {0, 0};
+    for (int i = 0; i < 10000 && end.seq < 20; i++) { /* the pump's retry: a second */
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        journal_end(ev->journal, &end);
+    }
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 3000; i++) { /* the pump's next turn, a few ms after the skip */
+        assert_int_equal(events_stats(ev, &st, 1), 1);
+        if (st.oldest_age_ms == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    assert_true(failing != 0);
+    assert_int_equal(failed.pending, 20); /* in the spool, as old as the failure */
+    assert_true(failed.oldest_age_ms > 0);
+    assert_int_equal(end.seq, 20); /* numbered on past them */
+    assert_int_equal(st.pending, 20); /* the paused sink's cursor before them */
+    if (st.oldest_age_ms != 0)
+        fail_msg("pump caught up (journal at %llu), oldest pending age still %llu ms from "
+                 "its old failure",
+                 (unsigned long long)end.seq, (unsigned long long)st.oldest_age_ms);
 }
 
 /* The pump trims from the spool what it copied to the journal; a trim
@@ -2234,6 +2296,8 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_skip_whose_sync_failed_is_told, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pump_caught_up_by_a_skip_ends_its_failing_age, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_trim_that_failed_is_asked_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_line_put_alone_refused_is_told, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
