@@ -977,6 +977,25 @@ test_hook_segment_max(void)
     return 0;
 }
 
+/* SLUICE_TEST_EVENTS_TRIM_RETRY_MS=MS: the pump's first wait after a
+ * failed trim of the spool, instead of PUMP_RETRY_MS (the longest is
+ * scaled alike: 60 times it), so that a test sees the backoff double and
+ * reach its cap in a second or two. Test-hook builds only. */
+static unsigned
+test_hook_trim_retry_ms(void)
+{
+#ifdef SLUICE_TEST_HOOKS
+    const char *v = getenv("SLUICE_TEST_EVENTS_TRIM_RETRY_MS");
+    char *end;
+    unsigned long n = v != NULL && *v != '\0' ? strtoul(v, &end, 10) : 0;
+    if (n > 0 && n <= PUMP_RETRY_MS && *end == '\0') {
+        log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_EVENTS_TRIM_RETRY_MS ms=%lu", n);
+        return (unsigned)n;
+    }
+#endif
+    return PUMP_RETRY_MS;
+}
+
 /* The journal's segment size for these sinks: an eighth of the smallest
  * max_backlog, 64 KB to 64 MB. A backlog is cut a whole segment at a
  * time (the oldest ones): with segments larger than the cap, the last
@@ -1044,6 +1063,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
      * holds (a crash's backlog) at once, and its trim would take no
      * sink's cursor into account, deleting every segment but the last. */
     ev->trim_held = true;
+    ev->trim_retry_ms = test_hook_trim_retry_ms();
     if ((rc = pthread_create(&ev->pump, NULL, events_pump_main, ev)) != 0) {
         snprintf(err, errlen, "events: cannot start the pump thread: %s", strerror(rc));
         rc = -rc;

@@ -142,6 +142,8 @@ struct events {
     bool trimming;    /* a trim is in flight */
     uint64_t trim_retry_at;   /* mono ms a failed trim is asked again at; 0: none failed */
     unsigned trim_backoff_ms; /* the wait after the last failure in a row (pump_trim_failed) */
+    unsigned trim_retry_ms;   /* the first of those waits: PUMP_RETRY_MS (set before the
+                               * pump starts; a test's hook shortens it) */
     uint64_t trim_to; /* the number the spool was (or is being) trimmed up to */
 };
 

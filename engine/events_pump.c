@@ -100,15 +100,17 @@ pump_trim(struct events *ev)
 /* A trim refused, at once or by its completion: asked again after
  * PUMP_RETRY_MS, doubled on each failure in a row up to
  * PUMP_TRIM_RETRY_MAX_MS (a spool whose disk stays full or broken gets a
- * write transaction and a log line that often, not each second). */
+ * write transaction and a log line that often, not each second). A test
+ * shortens both alike (ev->trim_retry_ms: events_new's test hook). */
 static void
 pump_trim_failed(struct events *ev, int rc)
 {
+    unsigned first = ev->trim_retry_ms;
+    unsigned longest = first * (PUMP_TRIM_RETRY_MAX_MS / PUMP_RETRY_MS);
     ev->trim_to = 0;
-    ev->trim_backoff_ms = ev->trim_backoff_ms == 0 ? PUMP_RETRY_MS
-                          : ev->trim_backoff_ms * 2 > PUMP_TRIM_RETRY_MAX_MS
-                              ? PUMP_TRIM_RETRY_MAX_MS
-                              : ev->trim_backoff_ms * 2;
+    ev->trim_backoff_ms = ev->trim_backoff_ms == 0            ? first
+                          : ev->trim_backoff_ms * 2 > longest ? longest
+                                                              : ev->trim_backoff_ms * 2;
     ev->trim_retry_at = events_mono_ms() + ev->trim_backoff_ms;
     log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" retry_ms=%u note=retried",
             queue_strerror(rc), ev->trim_backoff_ms);

@@ -35,6 +35,7 @@
 #include <hiredis/hiredis.h>
 
 #include "common/conf.h"
+#include "common/log.h"
 #include "engine/events.h"
 #include "engine/events_int.h"
 #include "engine/events_journal.h"
@@ -867,7 +868,7 @@ test_pump_caught_up_by_a_skip_ends_its_failing_age(void **state)
     assert_true(failing != 0);
     assert_int_equal(failed.pending, 20); /* in the spool, as old as the failure */
     assert_true(failed.oldest_age_ms > 0);
-    assert_int_equal(end.seq, 20); /* numbered on past them */
+    assert_int_equal(end.seq, 20);    /* numbered on past them */
     assert_int_equal(st.pending, 20); /* the paused sink's cursor before them */
     if (st.oldest_age_ms != 0)
         fail_msg("pump caught up (journal at %llu), oldest pending age still %llu ms from "
@@ -911,6 +912,81 @@ test_trim_that_failed_is_asked_again(void **state)
     assert_true(atomic_load(&spool_writes_failed) > 0);
     if (left > 0)
         fail_msg("%u event records left in the spool, their trim failed once", left);
+}
+
+/* The log lines of the file at path that hold what, counted; the value
+ * of each one's "retry_ms=" (0: none) in vals, up to cap. */
+static unsigned
+log_grep(const char *path, const char *what, unsigned *vals, unsigned cap)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    char line[2048];
+    unsigned n = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strstr(line, what) == NULL)
+            continue;
+        const char *r = strstr(line, " retry_ms=");
+        if (n < cap)
+            vals[n] = r != NULL ? (unsigned)strtoul(r + 10, NULL, 10) : 0;
+        n++;
+    }
+    fclose(f);
+    return n;
+}
+
+/* A trim of the spool that keeps failing (its disk failing every write)
+ * is asked again after a wait that doubles from PUMP_RETRY_MS up to
+ * PUMP_TRIM_RETRY_MAX_MS, 60 times the first, each failure logged with
+ * its wait; the first trim that goes through again says so
+ * (event=events_spool_trim_recovered) and the records go. The test hook
+ * makes the first wait 10 ms (the cap 600 ms), so the sequence and the
+ * cap show in two seconds, not in minutes. */
+static void
+test_trim_backoff_doubles_to_its_cap(void **state)
+{
+    (void)state;
+    char logpath[] = "/tmp/sluice-ev-log-XXXXXX";
+    int lfd = mkstemp(logpath);
+    assert_true(lfd >= 0);
+    close(lfd);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    setenv("SLUICE_TEST_EVENTS_TRIM_RETRY_MS", "10", 1);
+    put_lines(0, 20); /* before the start: the pump's first copy takes them all */
+    atomic_store(&fail_spool_writes, true);
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    unsigned waits[32], failed = 0;
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do { /* 1.8 s of waits to the ninth failure; 31 s before the sixth at a second */
+        nanosleep(&(struct timespec){0, 5000000}, NULL);
+        failed = log_grep(logpath, "event=events_spool_trim_failed", waits, 32);
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    } while (failed < 9 && t.tv_sec - t0.tv_sec < 20);
+    atomic_store(&fail_spool_writes, false);
+    unsigned left = spool_records(), recovered = 0;
+    for (int i = 0; i < 10000 && (left > 0 || recovered == 0); i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        left = spool_records();
+        recovered = log_grep(logpath, "event=events_spool_trim_recovered", NULL, 0);
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    unsetenv("SLUICE_TEST_EVENTS_TRIM_RETRY_MS");
+    log_open(NULL, LOG_INFO);
+    unsigned after = log_grep(logpath, "event=events_spool_trim_failed", waits, 32);
+    unlink(logpath);
+    if (failed < 9)
+        fail_msg("%u failed trims logged in 20 s (first wait %u ms)", failed,
+                 failed > 0 ? waits[0] : 0);
+    static const unsigned want[] = {10, 20, 40, 80, 160, 320, 600, 600, 600};
+    for (unsigned i = 0; i < after && i < 32; i++)
+        if (waits[i] != want[i < 9 ? i : 8])
+            fail_msg("failed trim %u waits %u ms, expected %u", i + 1, waits[i],
+                     want[i < 9 ? i : 8]);
+    assert_int_equal(recovered, 1);
+    assert_int_equal(left, 0);
 }
 
 /* A line put alone (the delivery log's hook: events_put) that the spool
@@ -2299,6 +2375,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_pump_caught_up_by_a_skip_ends_its_failing_age, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_trim_that_failed_is_asked_again, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_trim_backoff_doubles_to_its_cap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_line_put_alone_refused_is_told, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
