@@ -66,6 +66,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -1040,6 +1041,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
         return -ENOMEM;
     }
     atomic_init(&ev->stopping, false);
+    ev->wake_fd = -1;
     pthread_mutex_init(&ev->mu, NULL);
     clock_cond_init_mono(&ev->cond);
     ev->queue = q;
@@ -1047,6 +1049,11 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     if (rc < 0)
         goto fail;
     size_segments(ev, sinks, n);
+    if ((ev->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "events: cannot make the pump's eventfd: %s", strerror(errno));
+        goto fail;
+    }
     if ((ev->port = queue_port_new()) == NULL) {
         rc = -errno;
         snprintf(err, errlen, "events: cannot make a spool port: %s", strerror(errno));
@@ -1113,6 +1120,8 @@ events_free_busy(struct events *ev, bool *spool_busy)
         sink_abort_locked(ev->sinks[i]);
     pthread_cond_broadcast(&ev->cond);
     pthread_mutex_unlock(&ev->mu);
+    if (ev->wake_fd >= 0)
+        events_pump_kick(ev);
     for (unsigned i = 0; i < ev->nsinks; i++)
         if (ev->sinks[i]->started)
             pthread_join(ev->sinks[i]->thread, NULL);
@@ -1133,6 +1142,8 @@ events_free_busy(struct events *ev, bool *spool_busy)
         free(ev->sinks[i]);
     }
     free(ev->pbuf);
+    if (ev->wake_fd >= 0)
+        close(ev->wake_fd);
     journal_close(ev->journal);
     pthread_mutex_destroy(&ev->mu);
     pthread_cond_destroy(&ev->cond);

@@ -35,6 +35,7 @@
 #define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
 #define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
 #define PUMP_RETRY_MS  1000u          /* after a failed append, or a first failed trim */
+#define PUMP_IDLE_MS   1000u          /* the idle pump's longest wait, a backstop (pump_poll) */
 #define PUMP_TRIM_RETRY_MAX_MS 60000u /* trims failing in a row: the longest wait */
 #define HTTP_ANSWER_MAX (64u * 1024)  /* octets of an endpoint's answer read; past them, closed */
 
@@ -123,6 +124,8 @@ struct events {
                                * since the last that went in, or since the pump last
                                * caught up (0: none failing) */
     uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
+    int wake_fd;           /* eventfd: the spool's hook and the stop wake the pump
+                            * (events_pump_kick), -1 */
     struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
     unsigned nsinks;
     bool trim_held; /* under mu: a start lists its sinks, or a reload restarts
@@ -169,6 +172,8 @@ void events_wait_until(struct events *ev, uint64_t deadline_ms);
 void *events_pump_main(void *arg);
 /* The spool's hook, on its committer thread: more lines are durable. */
 void events_pump_wake(void *arg);
+/* Wake the pump's wait (ev->wake_fd); any thread. */
+void events_pump_kick(struct events *ev);
 
 /* events_send.c */
 /* The sink's libcurl handle, made once; 0 or -ENOMEM. */

@@ -6,13 +6,17 @@
  * the journal, then trims them from the spool, so the spool holds events
  * only for milliseconds and the journal is what the sinks read.
  *
- * Threading: the pump's thread.
+ * Threading: the pump's thread. Idle, it waits in poll(2) on two
+ * eventfds (pump_poll): its own (ev->wake_fd: the spool's hook says a
+ * commit, the stop says stop) and its port's (a completion: a trim's, or
+ * a line put alone's, drained at once), a second at most.
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,8 +38,38 @@ events_pump_wake(void *arg)
     struct events *ev = arg;
     pthread_mutex_lock(&ev->mu);
     ev->committed++;
-    pthread_cond_broadcast(&ev->cond);
+    pthread_cond_broadcast(&ev->cond); /* a gather under way (events_pump_main) */
     pthread_mutex_unlock(&ev->mu);
+    events_pump_kick(ev);
+}
+
+void
+events_pump_kick(struct events *ev)
+{
+    uint64_t one = 1;
+    ssize_t wr = write(ev->wake_fd, &one, sizeof(one));
+    (void)wr; /* EAGAIN: the count is full, the pump is woken all the same */
+}
+
+/* Wait up to ms for a kick (events_pump_kick) or a completion in the
+ * pump's port, which is drained (its callbacks run). Whatever woke it,
+ * the caller looks at ev->committed and ev->stop again: a kick that
+ * comes after that look stays in the eventfd for the next wait. Pump
+ * thread, mu not held. */
+static void
+pump_poll(struct events *ev, uint64_t ms)
+{
+    struct pollfd p[2] = {{.fd = ev->wake_fd, .events = POLLIN},
+                          {.fd = queue_port_fd(ev->port), .events = POLLIN}};
+    if (poll(p, 2, (int)ms) <= 0)
+        return;
+    if (p[0].revents != 0) {
+        uint64_t v;
+        ssize_t rd = read(ev->wake_fd, &v, sizeof(v));
+        (void)rd;
+    }
+    if (p[1].revents != 0)
+        queue_port_drain(ev->port);
 }
 
 /* Copy one spool record (its lines from ev->pfrom on) to the buffer. A
@@ -254,33 +288,40 @@ events_pump_main(void *arg)
         if (rc == 0)
             ev->pump_failing_ms = 0;
         if (rc < 0) {
-            events_wait_until(ev, events_mono_ms() + PUMP_RETRY_MS);
+            /* the port's completions are drained meanwhile, commits are not
+             * waited for */
+            uint64_t until = events_mono_ms() + PUMP_RETRY_MS;
+            for (uint64_t now; !ev->stop && (now = events_mono_ms()) < until;) {
+                pthread_mutex_unlock(&ev->mu);
+                pump_poll(ev, until - now);
+                pthread_mutex_lock(&ev->mu);
+            }
         } else if (rc == 0) {
             /* Caught up: wait for the next commit, then a little more so
-             * that one append (one fsync) carries several commits. A
-             * trim in flight is waited for meanwhile: its completion
-             * trims what was appended since it was asked, else that
-             * stays in the spool until the next commit. So is a line
-             * put alone (events_put): the spool's refusal of it commits
-             * nothing, and its completion (event=events_lost) waited in
-             * the port for the next commit. */
+             * that one append (one fsync) carries several commits. The
+             * port's completions are drained as they come meanwhile
+             * (pump_poll): a trim's, which trims what was appended
+             * since it was asked, else that stays in the spool until
+             * the next commit; a line put alone's (events_put), whose
+             * refusal by the spool commits nothing: its completion
+             * (event=events_lost) waited in the port for the next
+             * commit, or up to a second when the put came after the
+             * pump had looked at the port (and while one was in
+             * flight the pump looked every 20 ms). A trim that failed
+             * is asked again (pump_move) at its retry time: waiting
+             * for the next commit left what the journal holds in the
+             * spool for as long as no event came. PUMP_IDLE_MS bounds
+             * each wait, a backstop. */
             while (!ev->stop && seen == ev->committed) {
-                if (!ev->trimming && queue_port_pending(ev->port) == 0) {
-                    /* A trim that failed is asked again (pump_move) at
-                     * its retry time: waiting for the next commit left
-                     * what the journal holds in the spool for as long
-                     * as no event came. */
-                    uint64_t now = events_mono_ms();
-                    if (ev->trim_retry_at != 0 && now >= ev->trim_retry_at)
-                        break;
-                    uint64_t until = now + 1000;
-                    if (ev->trim_retry_at != 0 && ev->trim_retry_at < until)
-                        until = ev->trim_retry_at;
-                    events_wait_until(ev, until);
-                    continue;
-                }
+                uint64_t now = events_mono_ms();
+                bool retry = !ev->trimming && ev->trim_retry_at != 0;
+                if (retry && now >= ev->trim_retry_at)
+                    break;
+                uint64_t until = now + PUMP_IDLE_MS;
+                if (retry && ev->trim_retry_at < until)
+                    until = ev->trim_retry_at;
                 pthread_mutex_unlock(&ev->mu);
-                queue_port_wait(ev->port, (int)PUMP_GATHER_MS);
+                pump_poll(ev, until - now);
                 pthread_mutex_lock(&ev->mu);
             }
             seen = ev->committed;

@@ -1028,6 +1028,66 @@ test_line_put_alone_refused_is_told(void **state)
                  (unsigned long long)lost);
 }
 
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A line put alone that the spool refuses is told (event=events_lost,
+ * put_failed) when the pump drains the refusal from its port. The idle
+ * pump waited for a commit on its condition variable, a second at a
+ * time, having looked at the port first: a put made after that look,
+ * and refused (which commits nothing), waited in the port until the
+ * second was out. It waits on the port's eventfd too now: a refusal is
+ * told within milliseconds of reaching the port. Three puts, each timed
+ * from the moment the port was seen readable (up to 1 s apiece before:
+ * the three came under 250 ms together once in 64). */
+static void
+test_refused_put_is_told_at_once(void **state)
+{
+    (void)state;
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    put_rounds(0, 1, 20);
+    for (int i = 0; i < 10000 && spool_records() > 0; i++) /* the pump's trim: it is idle */
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    static const char line[] = "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+                               "\"id\":\"lost\"}\n";
+    struct pollfd pf = {.fd = queue_port_fd(ev->port), .events = POLLIN};
+    uint64_t worst = 0;
+    unsigned told = 0, round;
+    for (round = 0; round < 3; round++) {
+        unsigned failed = atomic_load(&spool_writes_failed);
+        atomic_store(&fail_spool_writes, true);
+        events_put(ev, line, sizeof(line) - 1);
+        for (int i = 0; i < 10000 && atomic_load(&spool_writes_failed) == failed; i++)
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+        atomic_store(&fail_spool_writes, false); /* its removal works: refused */
+        uint64_t ready = 0, t0 = mono_ms(), now = t0;
+        while ((told = (unsigned)atomic_load(&ev->put_failed)) == round && now - t0 < 10000) {
+            if (ready == 0 && poll(&pf, 1, 1) == 1)
+                ready = mono_ms(); /* the refusal waits in the port */
+            else if (ready != 0)
+                nanosleep(&(struct timespec){0, 1000000}, NULL);
+            now = mono_ms();
+        }
+        if (told == round)
+            break;
+        if (ready != 0 && mono_ms() - ready > worst)
+            worst = mono_ms() - ready;
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    if (round < 3)
+        fail_msg("put %u refused, not told in 10 s (%u told)", round + 1, told);
+    assert_int_equal(told, 3);
+    if (worst >= 250)
+        fail_msg("a refused put waited %llu ms in the pump's port", (unsigned long long)worst);
+}
+
 /* A listening socket on loopback that answers nothing: a Redis that hung. */
 static int
 listen_local(int *port_out)
@@ -1169,14 +1229,6 @@ test_changed_sink_keeps_its_backlog(void **state)
     close(lfd);
     sink_cfg_fini(&c);
     sink_cfg_fini(&c2);
-}
-
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 /* A stop (SIGTERM, or a reload that removes or changes the sink)
@@ -2377,6 +2429,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_trim_that_failed_is_asked_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_trim_backoff_doubles_to_its_cap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_line_put_alone_refused_is_told, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refused_put_is_told_at_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
     };
