@@ -1062,8 +1062,12 @@ engine_stop(struct engine *e)
     e->srv = NULL;
     e->dlv = NULL;
     e->nworkers = 0;
+    /* After every worker: the last notes. Their trim waits for the spool's
+     * answer, not cut short (suppress_notes.c): a spool that never answers
+     * holds the stop here until its bound names this stage. */
+    STOP_STAGE("suppress_notes");
+    suppress_detach_queue(e->suppress);
     STOP_STAGE("spool");
-    suppress_detach_queue(e->suppress); /* after every worker: the last notes */
     if (e->queue != NULL && e->stop_cut) {
         /* The spool answered nothing for the whole wait: its committer is
          * most likely stuck in a write or sync that will not return (a

@@ -191,7 +191,8 @@ int suppress_note_complaint(struct suppress *s, const char *tenant, const char *
  * again, as any failed copy). */
 long suppress_attach_queue(struct suppress *s, struct queue *q);
 /* The last copy, and no more: before queue_close, after every writer of
- * notes has stopped. NULL is fine. */
+ * notes has stopped. Its trim waits for the spool's answer however long
+ * (a slow one is said: event=suppress_notes_trim_slow). NULL is fine. */
 void suppress_detach_queue(struct suppress *s);
 
 /* Remove the entry of addr in scope (NULL: global). Returns 0, -ENOENT

@@ -8,6 +8,12 @@
  * run by the list's writer thread (engine/suppress.c) when the spool wakes
  * it (notes_wake) or a failed copy's retry time has come, by suppress_sync,
  * and by suppress_attach_queue and suppress_detach_queue at start and stop.
+ * A pump's trim of the spool waits for the spool's answer, however long
+ * (notes_trim): the spool holds the request and its port until it answers,
+ * so the wait is not cut short. One not answered in NOTES_TRIM_SLOW_MS is
+ * said (event=suppress_notes_trim_slow); a stop it holds (a spool whose
+ * write lock another process keeps) is named by the stop's watch
+ * (engine_stop: stage suppress_notes) and given up by its bound.
  *
  * Threading: a note is made on any thread at once (workers, the bounce
  * listener): it reads only the config and takes no lock (one that cannot
@@ -21,6 +27,7 @@
 #include "engine/suppress_int.h"
 
 #include <endian.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -122,6 +129,53 @@ note_take(void *arg, uint64_t seq, const void *note, size_t len)
     return 0;
 }
 
+/* A trim of the spool's notes not answered in this time is said
+ * (event=suppress_notes_trim_slow), once; it is waited for all the same. */
+#define NOTES_TRIM_SLOW_MS 2000u
+
+struct trim_wait {
+    int rc;
+    bool done;
+};
+
+static void
+trim_done(void *cookie, int rc)
+{
+    struct trim_wait *w = cookie;
+    w->rc = rc;
+    w->done = true;
+}
+
+/* Trim the spool's notes below upto, waiting for its answer on a port of
+ * its own without bound: until the spool answers it holds the port and
+ * would call back into this frame, so neither can go before. Returns its
+ * code. A thread that may block. */
+static int
+notes_trim(struct queue *q, uint64_t upto)
+{
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -errno;
+    struct trim_wait w = {0, false};
+    int rc = queue_notes_trim(q, port, upto, trim_done, &w);
+    uint64_t t0 = clock_mono_ms();
+    bool slow = false;
+    while (rc == 0 && !w.done) {
+        uint64_t waited = clock_mono_ms() - t0;
+        if (!slow && waited >= NOTES_TRIM_SLOW_MS) {
+            log_msg(LOG_WARN,
+                    "event=suppress_notes_trim_slow waited_ms=%llu note=waiting_for_the_spool",
+                    (unsigned long long)waited);
+            slow = true;
+        }
+        queue_port_wait(port, slow ? 1000 : (int)(NOTES_TRIM_SLOW_MS - waited));
+    }
+    if (rc == 0)
+        rc = w.rc;
+    queue_port_free(port);
+    return rc;
+}
+
 /* Copy the spool's notes to the list, then trim them there. Any thread
  * that may block; one at a time. Returns how many were copied, or -errno
  * (what was not copied stays in the spool). After a write that failed
@@ -173,7 +227,7 @@ sup_notes_pump(struct suppress *s, bool force)
         total += t.n;
         atomic_fetch_add(&s->feed_dropped, t.damaged); /* trimmed with the others */
         s->note_from = t.last + 1;
-        if ((rc = queue_notes_trim_wait(s->queue, s->note_from)) != 0)
+        if ((rc = notes_trim(s->queue, s->note_from)) != 0)
             /* in the list now; a later trim takes them with its own */
             log_msg(LOG_WARN, "event=suppress_notes_trim_failed err=\"%s\"", queue_strerror(rc));
         if ((unsigned)n < NOTES_BATCH)

@@ -740,6 +740,26 @@ queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t 
 }
 
 int
+queue_notes_trim(struct queue *q, struct queue_port *port, uint64_t upto, queue_done_fn *done,
+                 void *cookie)
+{
+    if (q == NULL || port == NULL || done == NULL)
+        return -EINVAL;
+    struct queue_req *req = calloc(1, sizeof(*req));
+    if (req == NULL)
+        return -ENOMEM;
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->kind = REQ_NOTES_TRIM;
+    req->note_upto = upto;
+    int rc = submit(q, req);
+    if (rc < 0)
+        free(req);
+    return rc;
+}
+
+int
 queue_notes_trim_wait(struct queue *q, uint64_t upto)
 {
     if (q == NULL)
@@ -747,20 +767,9 @@ queue_notes_trim_wait(struct queue *q, uint64_t upto)
     struct queue_port *port = queue_port_new();
     if (port == NULL)
         return -errno;
-    struct queue_req *req = calloc(1, sizeof(*req));
-    if (req == NULL) {
-        queue_port_free(port);
-        return -ENOMEM;
-    }
     struct waiter w = {0, false};
-    req->port = port;
-    req->done = waiter_done;
-    req->cookie = &w;
-    req->kind = REQ_NOTES_TRIM;
-    req->note_upto = upto;
-    int rc = submit(q, req);
+    int rc = queue_notes_trim(q, port, upto, waiter_done, &w);
     if (rc < 0) {
-        free(req);
         queue_port_free(port);
         return rc;
     }

@@ -451,7 +451,7 @@ void queue_events_set_hook(struct queue *q, void (*fn)(void *arg), void *arg);
  * same write transaction as an outcome (struct queue_outcome note: only
  * when that outcome applies, as its event lines) or as event lines
  * (queue_events_note_put), to the "notes" database, numbered in commit
- * order. It stays there until queue_notes_trim_wait(): its reader acts on
+ * order. It stays there until queue_notes_trim(): its reader acts on
  * it (sluice: the suppression entry of a hard bounce or a complaint,
  * engine/suppress.h), then trims; what a crash cut between the commit and
  * the act is still there at the next start. */
@@ -470,8 +470,13 @@ typedef int queue_note_fn(void *arg, uint64_t seq, const void *note, size_t len)
  * max of them (0: all). Any thread. Returns how many were passed, or a
  * negative code. */
 int queue_notes_read(struct queue *q, uint64_t from, unsigned max, queue_note_fn *cb, void *arg);
-/* Delete the notes numbered below upto and wait for the commit (a thread
- * that may block: not a worker). Returns the completion code. */
+/* Delete the notes numbered below upto: done(cookie, rc) on port's owner
+ * thread once committed (rc 0) or refused, exactly once; or returns a
+ * negative code (and done is not called). */
+int queue_notes_trim(struct queue *q, struct queue_port *port, uint64_t upto,
+                     queue_done_fn *done, void *cookie);
+/* queue_notes_trim() waited for, without bound (a thread that may block:
+ * not a worker). Returns the completion code. */
 int queue_notes_trim_wait(struct queue *q, uint64_t upto);
 /* fn(arg) on the committer thread after each commit that wrote a note
  * (it only wakes someone); NULL: none. Once this returns, the old hook is

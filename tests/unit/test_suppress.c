@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -29,6 +30,7 @@
 #include <sys/uio.h>
 
 #include "common/clock.h"
+#include "common/log.h"
 #include "engine/suppress.h"
 #include "queue/queue.h"
 #include "tests/support/fd_path.h"
@@ -137,13 +139,25 @@ count_note(void *arg, uint64_t seq, const void *note, size_t len)
 }
 
 /* pwrite and writev of this binary (LMDB calls them through the PLT):
- * those to the list's data file fail with EIO while fail_list_writes. */
-static atomic_bool fail_list_writes;
+ * those to the list's data file fail with EIO while fail_list_writes;
+ * those to a spool's wait while hold_spool_writes (up to a minute),
+ * spool_held set meanwhile: a spool that does not answer. */
+static atomic_bool fail_list_writes, hold_spool_writes, spool_held;
 
 static bool
 list_fd(int fd)
 {
     return fd_path_ends(fd, "/suppress/data.mdb");
+}
+
+static void
+spool_hold(int fd)
+{
+    if (!atomic_load(&hold_spool_writes) || !fd_path_ends(fd, "/spool/data.mdb"))
+        return;
+    atomic_store(&spool_held, true);
+    for (int i = 0; i < 60000 && atomic_load(&hold_spool_writes); i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
 }
 
 ssize_t
@@ -153,6 +167,7 @@ pwrite(int fd, const void *buf, size_t n, off_t off)
         errno = EIO;
         return -1;
     }
+    spool_hold(fd);
     return syscall(SYS_pwrite64, fd, buf, n, off);
 }
 
@@ -163,6 +178,7 @@ writev(int fd, const struct iovec *iov, int cnt)
         errno = EIO;
         return -1;
     }
+    spool_hold(fd);
     return syscall(SYS_writev, fd, iov, cnt);
 }
 
@@ -256,6 +272,100 @@ test_notes_wait_for_room(void **state)
     assert_int_equal(qs.notes_kept, 0);
 
     suppress_detach_queue(f.s);
+    queue_port_free(port);
+    queue_close(q);
+    conf_free(queue_conf_keys, &qc);
+    suppress_close(f.s);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", f.dir);
+    assert_int_equal(system(cmd), 0);
+    conf_free(suppress_conf_keys, &f.cfg);
+}
+
+static void *
+detach_main(void *arg)
+{
+    suppress_detach_queue(arg);
+    return NULL;
+}
+
+/* The log lines of the file at path that hold what. */
+static unsigned
+log_count(const char *path, const char *what)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    char line[2048];
+    unsigned n = 0;
+    while (fgets(line, sizeof(line), f) != NULL)
+        n += strstr(line, what) != NULL;
+    fclose(f);
+    return n;
+}
+
+/* The stop's last copy of the notes (suppress_detach_queue, engine_stop)
+ * trims them from the spool and waits for its answer. A spool that does
+ * not answer (its write lock held by another process, a dead disk) held
+ * it with nothing said; the wait cannot be cut (the spool would call back
+ * into it), so it is said once slow (event=suppress_notes_trim_slow, at
+ * 2 s), and goes on until the spool answers: the note is in the list and
+ * trimmed from the spool. */
+static void
+test_detach_says_a_slow_notes_trim(void **state)
+{
+    (void)state;
+    struct fix f = {0};
+    snprintf(f.dir, sizeof(f.dir), "/tmp/test_suppress.XXXXXX");
+    assert_non_null(mkdtemp(f.dir));
+    char err[256], path[128], logpath[128];
+    snprintf(logpath, sizeof(logpath), "%s/log", f.dir);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    assert_int_equal(conf_defaults(suppress_conf_keys, &f.cfg, err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, &f.cfg, "map_size", "1M", err, sizeof(err)), 0);
+    assert_int_equal(
+        conf_set(suppress_conf_keys, &f.cfg, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&f.cfg, f.dir, err, sizeof(err)), 0);
+    fix_open(&f);
+    struct queue_config qc = {0};
+    assert_int_equal(conf_defaults(queue_conf_keys, &qc, err, sizeof(err)), 0);
+    free(qc.path);
+    snprintf(path, sizeof(path), "%s/spool", f.dir);
+    qc.path = strdup(path);
+    struct queue *q = NULL;
+    assert_int_equal(queue_open(&qc, &q, err, sizeof(err)), 0);
+    assert_int_equal(suppress_attach_queue(f.s, q), 0);
+    /* the writer is not woken by the commit: the note waits for the detach */
+    queue_notes_set_hook(q, NULL, NULL);
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint8_t note[SUPPRESS_NOTE_BYTES];
+    int len = suppress_note_bounce(f.s, NULL, "gone@x.test", BOUNCE_INVALID_RECIPIENT,
+                                   "550 5.1.1", note);
+    assert_true(len > 0);
+    struct note_wait w = {0};
+    assert_int_equal(queue_events_note_put(q, port, NULL, 0, note, (size_t)len, note_done, &w), 0);
+    for (int i = 0; i < 1000 && !w.done; i++)
+        queue_port_wait(port, 100);
+    assert_int_equal(w.rc, 0);
+
+    atomic_store(&hold_spool_writes, true); /* the spool answers nothing */
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, detach_main, f.s), 0);
+    unsigned slow = 0;
+    for (int i = 0; i < 10000 && slow == 0; i++) { /* said at 2 s */
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        slow = log_count(logpath, "event=suppress_notes_trim_slow");
+    }
+    bool held = atomic_load(&spool_held);
+    atomic_store(&hold_spool_writes, false); /* it answers: the detach ends */
+    pthread_join(th, NULL);
+    log_open(NULL, LOG_INFO);
+    assert_true(held);
+    assert_int_equal(slow, 1);
+    assert_int_equal(suppress_check(f.s, NULL, "gone@x.test", NULL), 1);
+    int n = 0;
+    assert_int_equal(queue_notes_read(q, 0, 0, count_note, &n), 0); /* trimmed */
+
     queue_port_free(port);
     queue_close(q);
     conf_free(queue_conf_keys, &qc);
@@ -1172,6 +1282,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_unquoted_dots_stored_before, setup, teardown),
         cmocka_unit_test(test_config_check),
         cmocka_unit_test(test_notes_wait_for_room),
+        cmocka_unit_test(test_detach_says_a_slow_notes_trim),
         cmocka_unit_test_setup_teardown(test_reply, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
