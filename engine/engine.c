@@ -1064,9 +1064,14 @@ engine_stop(struct engine *e)
     e->nworkers = 0;
     /* After every worker: the last notes. Their trim waits for the spool's
      * answer, not cut short (suppress_notes.c): a spool that never answers
-     * holds the stop here until its bound names this stage. */
+     * holds the stop here until its bound names this stage. After a cut
+     * (the spool answered nothing already) none is asked: they stay in
+     * the spool, copied again at the next start. */
     STOP_STAGE("suppress_notes");
-    suppress_detach_queue(e->suppress);
+    if (e->stop_cut)
+        suppress_detach_queue_stuck(e->suppress);
+    else
+        suppress_detach_queue(e->suppress);
     STOP_STAGE("spool");
     if (e->queue != NULL && e->stop_cut) {
         /* The spool answered nothing for the whole wait: its committer is

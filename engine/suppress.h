@@ -194,6 +194,11 @@ long suppress_attach_queue(struct suppress *s, struct queue *q);
  * notes has stopped. Its trim waits for the spool's answer however long
  * (a slow one is said: event=suppress_notes_trim_slow). NULL is fine. */
 void suppress_detach_queue(struct suppress *s);
+/* As suppress_detach_queue, for a spool known to answer nothing (a stop
+ * that cut its wait for it): the notes are copied to the list, not
+ * trimmed from the spool (no request waits on it; the next start copies
+ * them again, event=suppress_notes_untrimmed). */
+void suppress_detach_queue_stuck(struct suppress *s);
 
 /* Remove the entry of addr in scope (NULL: global). Returns 0, -ENOENT
  * when there is none, -EINVAL, -EIO. */

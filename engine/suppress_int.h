@@ -56,6 +56,8 @@ struct suppress {
     pthread_mutex_t plock;      /* one pump at a time; guards queue and note_from */
     struct queue *queue;        /* borrowed: attached until suppress_detach_queue */
     uint64_t note_from;         /* the first note not yet in the list */
+    bool notes_untrimmed;       /* under plock: pumps leave the notes in the spool (a
+                                 * stop's spool that answers nothing) */
     bool notes_due;             /* guarded by flock: the spool committed notes */
     _Atomic uint64_t notes_retry_ms; /* CLOCK_MONOTONIC ms: a write of notes failed, the
                                       * writer tries again then; 0: none failed */

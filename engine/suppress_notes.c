@@ -13,7 +13,10 @@
  * so the wait is not cut short. One not answered in NOTES_TRIM_SLOW_MS is
  * said (event=suppress_notes_trim_slow); a stop it holds (a spool whose
  * write lock another process keeps) is named by the stop's watch
- * (engine_stop: stage suppress_notes) and given up by its bound.
+ * (engine_stop: stage suppress_notes) and given up by its bound. A stop
+ * that already knows the spool answers nothing (it cut a wait for it)
+ * asks no trim (suppress_detach_queue_stuck): the notes are copied to the
+ * list and left in the spool, copied again at the next start.
  *
  * Threading: a note is made on any thread at once (workers, the bounce
  * listener): it reads only the config and takes no lock (one that cannot
@@ -227,7 +230,12 @@ sup_notes_pump(struct suppress *s, bool force)
         total += t.n;
         atomic_fetch_add(&s->feed_dropped, t.damaged); /* trimmed with the others */
         s->note_from = t.last + 1;
-        if ((rc = notes_trim(s->queue, s->note_from)) != 0)
+        if (s->notes_untrimmed)
+            log_msg(LOG_WARN,
+                    "event=suppress_notes_untrimmed entries=%u note=spool_not_answering_"
+                    "copied_again_at_the_next_start",
+                    t.n);
+        else if ((rc = notes_trim(s->queue, s->note_from)) != 0)
             /* in the list now; a later trim takes them with its own */
             log_msg(LOG_WARN, "event=suppress_notes_trim_failed err=\"%s\"", queue_strerror(rc));
         if ((unsigned)n < NOTES_BATCH)
@@ -264,14 +272,30 @@ suppress_attach_queue(struct suppress *s, struct queue *q)
     return n;
 }
 
-void
-suppress_detach_queue(struct suppress *s)
+static void
+detach(struct suppress *s, bool trim)
 {
     if (s == NULL || s->queue == NULL)
         return;
     queue_notes_set_hook(s->queue, NULL, NULL);
+    pthread_mutex_lock(&s->plock);
+    s->notes_untrimmed = !trim;
+    pthread_mutex_unlock(&s->plock);
     sup_notes_pump(s, true);
     pthread_mutex_lock(&s->plock);
     s->queue = NULL;
+    s->notes_untrimmed = false;
     pthread_mutex_unlock(&s->plock);
+}
+
+void
+suppress_detach_queue(struct suppress *s)
+{
+    detach(s, true);
+}
+
+void
+suppress_detach_queue_stuck(struct suppress *s)
+{
+    detach(s, false);
 }

@@ -303,6 +303,61 @@ log_count(const char *path, const char *what)
     return n;
 }
 
+/* A list and a spool in a temporary directory, the log in its file
+ * "log", the list attached to the spool but not woken by its commits,
+ * and one note (gone@x.test's bounce) committed in the spool: it waits
+ * for the detach. */
+static struct queue *
+notes_fixture(struct fix *f, struct queue_config *qc, char *logpath, size_t loglen)
+{
+    snprintf(f->dir, sizeof(f->dir), "/tmp/test_suppress.XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    char err[256], path[128];
+    snprintf(logpath, loglen, "%s/log", f->dir);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    assert_int_equal(conf_defaults(suppress_conf_keys, &f->cfg, err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, &f->cfg, "map_size", "1M", err, sizeof(err)), 0);
+    assert_int_equal(
+        conf_set(suppress_conf_keys, &f->cfg, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&f->cfg, f->dir, err, sizeof(err)), 0);
+    fix_open(f);
+    assert_int_equal(conf_defaults(queue_conf_keys, qc, err, sizeof(err)), 0);
+    free(qc->path);
+    snprintf(path, sizeof(path), "%s/spool", f->dir);
+    qc->path = strdup(path);
+    struct queue *q = NULL;
+    assert_int_equal(queue_open(qc, &q, err, sizeof(err)), 0);
+    assert_int_equal(suppress_attach_queue(f->s, q), 0);
+    /* the writer is not woken by the commit: the note waits for the detach */
+    queue_notes_set_hook(q, NULL, NULL);
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint8_t note[SUPPRESS_NOTE_BYTES];
+    int len = suppress_note_bounce(f->s, NULL, "gone@x.test", BOUNCE_INVALID_RECIPIENT,
+                                   "550 5.1.1", note);
+    assert_true(len > 0);
+    struct note_wait w = {0};
+    assert_int_equal(queue_events_note_put(q, port, NULL, 0, note, (size_t)len, note_done, &w), 0);
+    for (int i = 0; i < 1000 && !w.done; i++)
+        queue_port_wait(port, 100);
+    assert_int_equal(w.rc, 0);
+    queue_port_free(port);
+    return q;
+}
+
+static void
+notes_fixture_close(struct fix *f, struct queue *q, struct queue_config *qc)
+{
+    log_open(NULL, LOG_INFO);
+    queue_close(q);
+    conf_free(queue_conf_keys, qc);
+    suppress_close(f->s);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", f->dir);
+    assert_int_equal(system(cmd), 0);
+    conf_free(suppress_conf_keys, &f->cfg);
+}
+
 /* The stop's last copy of the notes (suppress_detach_queue, engine_stop)
  * trims them from the spool and waits for its answer. A spool that does
  * not answer (its write lock held by another process, a dead disk) held
@@ -315,39 +370,9 @@ test_detach_says_a_slow_notes_trim(void **state)
 {
     (void)state;
     struct fix f = {0};
-    snprintf(f.dir, sizeof(f.dir), "/tmp/test_suppress.XXXXXX");
-    assert_non_null(mkdtemp(f.dir));
-    char err[256], path[128], logpath[128];
-    snprintf(logpath, sizeof(logpath), "%s/log", f.dir);
-    assert_int_equal(log_open(logpath, LOG_INFO), 0);
-    assert_int_equal(conf_defaults(suppress_conf_keys, &f.cfg, err, sizeof(err)), 0);
-    assert_int_equal(conf_set(suppress_conf_keys, &f.cfg, "map_size", "1M", err, sizeof(err)), 0);
-    assert_int_equal(
-        conf_set(suppress_conf_keys, &f.cfg, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
-    assert_int_equal(suppress_config_check(&f.cfg, f.dir, err, sizeof(err)), 0);
-    fix_open(&f);
     struct queue_config qc = {0};
-    assert_int_equal(conf_defaults(queue_conf_keys, &qc, err, sizeof(err)), 0);
-    free(qc.path);
-    snprintf(path, sizeof(path), "%s/spool", f.dir);
-    qc.path = strdup(path);
-    struct queue *q = NULL;
-    assert_int_equal(queue_open(&qc, &q, err, sizeof(err)), 0);
-    assert_int_equal(suppress_attach_queue(f.s, q), 0);
-    /* the writer is not woken by the commit: the note waits for the detach */
-    queue_notes_set_hook(q, NULL, NULL);
-    struct queue_port *port = queue_port_new();
-    assert_non_null(port);
-    uint8_t note[SUPPRESS_NOTE_BYTES];
-    int len = suppress_note_bounce(f.s, NULL, "gone@x.test", BOUNCE_INVALID_RECIPIENT,
-                                   "550 5.1.1", note);
-    assert_true(len > 0);
-    struct note_wait w = {0};
-    assert_int_equal(queue_events_note_put(q, port, NULL, 0, note, (size_t)len, note_done, &w), 0);
-    for (int i = 0; i < 1000 && !w.done; i++)
-        queue_port_wait(port, 100);
-    assert_int_equal(w.rc, 0);
-
+    char logpath[128];
+    struct queue *q = notes_fixture(&f, &qc, logpath, sizeof(logpath));
     atomic_store(&hold_spool_writes, true); /* the spool answers nothing */
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, detach_main, f.s), 0);
@@ -359,21 +384,42 @@ test_detach_says_a_slow_notes_trim(void **state)
     bool held = atomic_load(&spool_held);
     atomic_store(&hold_spool_writes, false); /* it answers: the detach ends */
     pthread_join(th, NULL);
-    log_open(NULL, LOG_INFO);
     assert_true(held);
     assert_int_equal(slow, 1);
     assert_int_equal(suppress_check(f.s, NULL, "gone@x.test", NULL), 1);
     int n = 0;
     assert_int_equal(queue_notes_read(q, 0, 0, count_note, &n), 0); /* trimmed */
+    notes_fixture_close(&f, q, &qc);
+}
 
-    queue_port_free(port);
-    queue_close(q);
-    conf_free(queue_conf_keys, &qc);
-    suppress_close(f.s);
-    char cmd[128];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", f.dir);
-    assert_int_equal(system(cmd), 0);
-    conf_free(suppress_conf_keys, &f.cfg);
+/* A stop that cut a wait for the spool already (it answers nothing)
+ * detaches with suppress_detach_queue_stuck: the note is copied to the
+ * list and left in the spool (copied again at the next start), no trim
+ * asked, so nothing waits for the spool: the detach returns at once. */
+static void
+test_detach_from_a_stuck_spool_asks_no_trim(void **state)
+{
+    (void)state;
+    struct fix f = {0};
+    struct queue_config qc = {0};
+    char logpath[128];
+    struct queue *q = notes_fixture(&f, &qc, logpath, sizeof(logpath));
+    atomic_store(&spool_held, false);
+    atomic_store(&hold_spool_writes, true); /* the spool answers nothing */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    suppress_detach_queue_stuck(f.s);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    bool held = atomic_load(&spool_held);
+    atomic_store(&hold_spool_writes, false);
+    long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    assert_false(held); /* nothing written to the spool */
+    assert_true(ms < 1000);
+    assert_int_equal(suppress_check(f.s, NULL, "gone@x.test", NULL), 1);
+    int n = 0;
+    assert_int_equal(queue_notes_read(q, 0, 0, count_note, &n), 1); /* left there */
+    assert_int_equal(log_count(logpath, "event=suppress_notes_untrimmed entries=1 "), 1);
+    notes_fixture_close(&f, q, &qc);
 }
 
 static void
@@ -1283,6 +1329,7 @@ main(void)
         cmocka_unit_test(test_config_check),
         cmocka_unit_test(test_notes_wait_for_room),
         cmocka_unit_test(test_detach_says_a_slow_notes_trim),
+        cmocka_unit_test(test_detach_from_a_stuck_spool_asks_no_trim),
         cmocka_unit_test_setup_teardown(test_reply, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
