@@ -771,6 +771,10 @@ fail:
 enum engine_drain_end
 engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
 {
+    /* The main thread, which called this, takes no SIGHUP from now on (it
+     * waits for the signals of cut only, then stops): a `sluicectl
+     * reload` waiting for one is told now, not "requested" 8 s later. */
+    engine_reload_draining(e);
     /* From before the workers hear of it: their event=draining lines come
      * after the deadline is set. */
     uint64_t end = clock_now_ns() + MS_TO_NS(timeout_ms);

@@ -155,6 +155,9 @@ struct engine {
     atomic_bool stopping;      /* engine_stop began: an operator's command waiting for
                                 * the spool gives up (ops.c flush_wait, bounce_wait),
                                 * and one waiting for a reload (engine_reload_wait) */
+    atomic_bool draining;      /* engine_drain began: the main thread takes no SIGHUP
+                                * from then on, so a command waiting for a reload gives
+                                * up (engine_reload_wait); set under reload_lock */
     uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
                                  * spool's last commits, one bound for every worker
                                  * (engine_stop sets it, server_worker_free waits); 0:
@@ -187,7 +190,9 @@ enum engine_drain_end {
 };
 /* SIGTERM: stop accepting, let outbound transactions in flight finish and
  * start no new ones, for up to timeout_ms; what is left stays queued.
- * Then call engine_stop(). Main thread, with the signals of cut (NULL:
+ * Then call engine_stop(). First it sets e->draining (the caller takes
+ * no SIGHUP from then on: engine_reload_draining). Main thread, with the
+ * signals of cut (NULL:
  * none) blocked: one of them sent by another process ends the wait at
  * once (one this process sends itself, a failed worker's, does not). */
 enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut);
@@ -249,6 +254,10 @@ void engine_reload_done(struct engine *e, bool ok, const char *why);
 /* The stop began (e->stopping set just before): wakes engine_reload_wait,
  * which gives up. Main thread. */
 void engine_reload_stopping(struct engine *e);
+/* The drain begins: sets e->draining and wakes engine_reload_wait, which
+ * gives up. Main thread (engine_drain), which takes no SIGHUP from then
+ * on. */
+void engine_reload_draining(struct engine *e);
 /* The reloads finished so far (a generation to wait past). */
 uint64_t engine_reload_gen(struct engine *e);
 /* A finished reload, as engine_reload_wait tells it. */
@@ -261,10 +270,11 @@ struct engine_reload_outcome {
                          * kept): its first error; "": loaded, or none */
 };
 /* Wait up to timeout_ms for a reload to finish after generation gen.
- * Returns 1 (it took), 0 (refused: out->why says), -ETIMEDOUT, or
- * -ECANCELED: the stop began (e->stopping) before it finished, and the
- * main thread takes no SIGHUP any more. A reload finished before the
- * stop began is told as it went (1 or 0). */
+ * Returns 1 (it took), 0 (refused: out->why says), -ETIMEDOUT, or, when
+ * it had not finished as the main thread stopped taking SIGHUP (it never
+ * will): -ECANCELED, the stop began (e->stopping); -ESHUTDOWN, the drain
+ * began (e->draining) and the stop not yet. A reload finished before
+ * either began is told as it went (1 or 0). */
 int engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
                        struct engine_reload_outcome *out);
 /* A reference to the current users table (NULL when AUTH is off); any

@@ -6,14 +6,15 @@
  * applies logged as kept (report_kept); the files read again under the
  * same names whose contents changed (enum reread, engine_int.h) added to
  * the changed list; the outcome kept for `sluicectl reload`
- * (engine_reload_done, engine_reload_wait; the stop ends that wait:
- * engine_reload_stopping); and the configs a reload
+ * (engine_reload_done, engine_reload_wait; the drain and the stop end
+ * that wait: engine_reload_draining, engine_reload_stopping); and the
+ * configs a reload
  * left alive, asked of the workers and freed (engine_config_collect,
  * config_gen.h). The start, the stop and the loads both share (the users
  * file, the TLS contexts) are engine.c's.
  *
- * Threading: engine_reload, engine_reload_done, engine_reload_stopping
- * and engine_config_collect on the main thread; park_on_worker and
+ * Threading: engine_reload, engine_reload_done, engine_reload_draining,
+ * engine_reload_stopping and engine_config_collect on the main thread; park_on_worker and
  * gens_on_worker on each worker; engine_reload_wait and the config's
  * enter/leave on any thread.
  */
@@ -466,6 +467,15 @@ engine_reload_stopping(struct engine *e)
     pthread_mutex_unlock(&e->reload_lock);
 }
 
+void
+engine_reload_draining(struct engine *e)
+{
+    pthread_mutex_lock(&e->reload_lock);
+    atomic_store(&e->draining, true);
+    pthread_cond_broadcast(&e->reload_cv);
+    pthread_mutex_unlock(&e->reload_lock);
+}
+
 int
 engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
                    struct engine_reload_outcome *out)
@@ -473,16 +483,19 @@ engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
     struct timespec until = clock_mono_deadline(timeout_ms);
     int rc = -ETIMEDOUT;
     pthread_mutex_lock(&e->reload_lock);
-    /* Once the stop has begun the main thread takes no SIGHUP: a reload
-     * not finished by then never will be. Waited for, it held the stop
-     * up to timeout_ms (ops_stop waits for this command): the stop wakes
-     * it (engine_reload_stopping). */
-    while (e->reload_gen == gen && !atomic_load(&e->stopping))
+    /* Once the drain has begun (or the stop, without one) the main thread
+     * takes no SIGHUP: a reload not finished by then never will be.
+     * Waited for, it answered "requested" after timeout_ms, as if it were
+     * still to come, and a stop held in ops_stop as long: the drain and
+     * the stop wake it (engine_reload_draining, _stopping). */
+    while (e->reload_gen == gen && !atomic_load(&e->stopping) && !atomic_load(&e->draining))
         if (pthread_cond_timedwait(&e->reload_cv, &e->reload_lock, &until) != 0)
             break;
     if (e->reload_gen == gen && atomic_load(&e->stopping))
         rc = -ECANCELED;
-    if (e->reload_gen != gen) { /* finished, the stop begun or not: its outcome */
+    else if (e->reload_gen == gen && atomic_load(&e->draining))
+        rc = -ESHUTDOWN;
+    if (e->reload_gen != gen) { /* finished, the drain or stop begun or not: its outcome */
         rc = e->reload_ok ? 1 : 0;
         snprintf(out->why, sizeof(out->why), "%s", e->reload_why);
         snprintf(out->changed, sizeof(out->changed), "%s", rc == 1 ? e->reload_changed : "");

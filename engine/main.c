@@ -330,7 +330,13 @@ main(int argc, char **argv)
                 "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu reason=%s",
                 sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms,
                 engine_failed_workers(&engine) > 0 ? "worker_failed" : "signal");
-        /* A second TERM or INT ends the drain (engine_drain); HUP waits. */
+        /* A second TERM or INT ends the drain (engine_drain); HUP waits,
+         * never taken: engine_drain first tells a `sluicectl reload`
+         * waiting for one that it will not be done. A SIGHUP raised
+         * before this TERM was taken was taken first (sigwaitinfo on
+         * Linux gives the lowest-numbered pending signal first, HUP 1
+         * before INT 2 and TERM 15): its reload ran, and is told as it
+         * went. */
         sigset_t cut;
         sigemptyset(&cut);
         sigaddset(&cut, SIGTERM);

@@ -11,7 +11,7 @@
  * posted to the workers that own their destinations, which commit them
  * as any outcome, and their answer waits until the spool shows them done
  * (or the stop begins: e->stopping, which a flush's wait observes too,
- * and a reload's: engine_reload_wait).
+ * and a reload's, which the drain ends as well: engine_reload_wait).
  *
  * Threading: the stats thread (counters, domains) and its command thread
  * (ops_command, one command at a time), concurrently: what both reach is
@@ -1761,8 +1761,10 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same, and waits
          * for its outcome (a SIGHUP from elsewhere meanwhile may answer
-         * for this one: it read the same file), or for the stop, after
-         * which it takes no SIGHUP. */
+         * for this one: it read the same file), or for the drain or the
+         * stop, after which it takes no SIGHUP. One raised before the
+         * main thread took the TERM runs first (main.c: sigwaitinfo on
+         * Linux gives the lowest-numbered pending signal first). */
         uint64_t gen = engine_reload_gen(e);
         kill(getpid(), SIGHUP);
         struct engine_reload_outcome *o = calloc(1, sizeof(*o));
@@ -1775,6 +1777,12 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
             /* as flush's and bounce's "then sluice stopped" */
             snprintf(err, errlen,
                      "sluice is stopping: the reload was not done (the next start reads the file)");
+            free(o);
+            return -1;
+        }
+        if (rc == -ESHUTDOWN) {
+            snprintf(err, errlen,
+                     "sluice is draining: the reload was not done (the next start reads the file)");
             free(o);
             return -1;
         }

@@ -36,7 +36,8 @@
  * has given up.
  *
  * And a reload's wait for its outcome (`reload`, engine_reload_wait),
- * which the stop ends too (engine_reload_stopping): the main thread's
+ * which the drain (engine_drain, on an engine with nothing to drain) and
+ * the stop (engine_reload_stopping) end too: the main thread's
  * SIGHUP is taken by the test's thread (blocked in every thread, waited
  * for with sigtimedwait), which plays the main thread's part; that the
  * command is in its wait is told by the condition variable's wait itself
@@ -425,6 +426,7 @@ struct fx {
     struct config *cfg;
     struct worker w;
     struct delivery *dlv[1];
+    struct server_worker *srv[1]; /* none: what engine_drain finds */
     char conf[64];
     char sock[80];
 };
@@ -461,7 +463,8 @@ setup(void **state)
     f->e.cfg = f->cfg;
     f->e.nworkers = 1;
     f->e.workers = &f->w;
-    f->e.dlv = f->dlv; /* read only by the wrapped delivery_lift_holds */
+    f->e.dlv = f->dlv; /* read by the wrapped delivery_lift_holds, and engine_drain */
+    f->e.srv = f->srv;
     f->e.queue = (struct queue *)f; /* a token: every spool call is the test's */
     /* as engine_start: the reload's wait is on the monotonic clock */
     pthread_mutex_init(&f->e.reload_lock, NULL);
@@ -914,13 +917,22 @@ hup_taken(unsigned ms)
 
 /* The main thread's part while a reload command waits: it takes the
  * SIGHUP, then, once the command waits on reload_cv, either begins the
- * stop (engine_stop's first steps) or finishes the reload and then
- * begins the stop. */
+ * stop (engine_stop's first steps) or the drain (engine_drain), or
+ * finishes the reload and then begins the stop or the drain. */
 struct main_part {
-    bool reload_first; /* engine_reload_done before the stop */
+    bool reload_first; /* engine_reload_done before the stop or the drain */
+    bool drain;        /* the drain, not the stop */
     bool hup, waiting; /* what it saw */
     uint64_t stop_at;  /* mono ms */
 };
+
+/* The drain as main.c begins it, on an engine with nothing to drain (no
+ * server, no delivery): engine_drain returns at once, its flag set. */
+static void
+drain_begin(void)
+{
+    assert_int_equal(engine_drain(S.e, 0, NULL), ENGINE_DRAIN_TIMED_OUT);
+}
 
 static void *
 main_part_run(void *arg)
@@ -931,14 +943,19 @@ main_part_run(void *arg)
     for (unsigned i = 0; i < 10000 && !(m->waiting = atomic_load(&S.reload_waiting)); i++)
         nanosleep(&tick, NULL);
     if (m->reload_first) {
-        /* The stop's flag first, waking no one; then the outcome, whose
-         * wake finds both: a reload that finished is told as it went. */
-        atomic_store(&S.e->stopping, true);
+        /* The flag of the stop or the drain first, waking no one; then
+         * the outcome, whose wake finds both: a reload that finished is
+         * told as it went. */
+        atomic_store(m->drain ? &S.e->draining : &S.e->stopping, true);
         engine_reload_done(S.e, true, NULL);
         m->stop_at = mono_ms();
         return NULL;
     }
     m->stop_at = mono_ms();
+    if (m->drain) {
+        drain_begin();
+        return NULL;
+    }
     atomic_store(&S.e->stopping, true); /* as engine_stop */
     engine_reload_stopping(S.e);
     return NULL;
@@ -1012,6 +1029,80 @@ reload_finished_before_the_stop_is_told_as_done(void **state)
     assert_non_null(strstr(text, "\"reload\":\"done\""));
 }
 
+/* A drain while `reload` waits for its outcome: the main thread takes
+ * no SIGHUP once it drains (it waits for a second TERM only), and the
+ * wait went on for its 8 s (RELOAD_WAIT_MS), then answered "requested"
+ * for a reload that would never be done. It ends at the drain's start,
+ * an error that says so. */
+static void
+reload_wait_ends_at_the_drain(void **state)
+{
+    (void)state;
+    struct main_part m = {.drain = true};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
+    char text[512];
+    backstop_arm("a reload's wait overtaken by a drain");
+    int rc = reload(text, sizeof(text));
+    uint64_t end = mono_ms();
+    backstop_clear();
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(m.hup);
+    assert_true(m.waiting);
+    print_message("the reload answered %llu ms after the drain began\n",
+                  (unsigned long long)(end - m.stop_at));
+    assert_int_not_equal(rc, 0);
+    assert_string_equal(text, "sluice is draining: the reload was not done "
+                              "(the next start reads the file)");
+    assert_true(end - m.stop_at < 2000); /* a loaded machine; never the wait's 8 s */
+}
+
+/* A reload asked once the drain has begun answers at once, as above; one
+ * asked once the stop has followed the drain says the stop. */
+static void
+reload_after_the_drain_began_answers_at_once(void **state)
+{
+    (void)state;
+    drain_begin();
+    char text[512];
+    uint64_t start = mono_ms();
+    backstop_arm("a reload asked after the drain began");
+    int rc = reload(text, sizeof(text));
+    uint64_t took = mono_ms() - start;
+    (void)hup_taken(1000); /* its SIGHUP, left pending by now */
+    print_message("the reload answered in %llu ms\n", (unsigned long long)took);
+    assert_int_not_equal(rc, 0);
+    assert_string_equal(text, "sluice is draining: the reload was not done "
+                              "(the next start reads the file)");
+    assert_true(took < 2000);
+    atomic_store(&S.e->stopping, true); /* as engine_stop, after the drain */
+    rc = reload(text, sizeof(text));
+    (void)hup_taken(1000);
+    backstop_clear();
+    assert_int_not_equal(rc, 0);
+    assert_non_null(strstr(text, "sluice is stopping: the reload was not done"));
+}
+
+/* A reload that finished before the drain began is told as it went, the
+ * drain seen by the same wake notwithstanding. */
+static void
+reload_finished_before_the_drain_is_told_as_done(void **state)
+{
+    (void)state;
+    struct main_part m = {.reload_first = true, .drain = true};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
+    char text[512];
+    backstop_arm("a reload finished as the drain began");
+    int rc = reload(text, sizeof(text));
+    backstop_clear();
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(m.hup);
+    assert_true(m.waiting);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(text, "\"reload\":\"done\""));
+}
+
 int
 main(void)
 {
@@ -1054,6 +1145,11 @@ main(void)
         cmocka_unit_test_setup_teardown(reload_after_the_stop_began_answers_at_once, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(reload_finished_before_the_stop_is_told_as_done, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(reload_wait_ends_at_the_drain, setup, teardown),
+        cmocka_unit_test_setup_teardown(reload_after_the_drain_began_answers_at_once, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(reload_finished_before_the_drain_is_told_as_done, setup,
                                         teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
