@@ -116,8 +116,9 @@ static const struct cmd cmds[] = {
      "first error\n"
      "(file:line: key) and exit 1 when the new configuration is refused and\n"
      "the running one kept; a reload not over by then prints \"reload\n"
-     "requested (not finished yet: see the log)\" and exits 0; a stop of\n"
-     "sluice ends that wait: the reload is not done (an error, exit 1).",
+     "requested (not finished yet: see the log)\" and exits 0; a drain or a\n"
+     "stop of sluice ends that wait: the reload is not done (\"sluice is\n"
+     "draining\" or \"sluice is stopping\", exit 1).",
      0, 0, run_plain},
     {"tlsrpt", "[flush]", "MTA-STS policies and TLS reports (RFC 8461, RFC 8460)",
      "Counters of the MTA-STS store: domains known, policies cached (and in\n"
