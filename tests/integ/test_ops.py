@@ -7,6 +7,7 @@ sluicectl's exit codes; the Prometheus listener (promtool as judge of the
 text); reload keeps sessions open; and SIGTERM drains in-flight deliveries
 and loses nothing across a restart on the same spool."""
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -1385,15 +1386,13 @@ def test_bounce_of_mail_on_a_connection_says_it_stayed():
         r.close()
 
 
-def test_stop_ends_a_bounce_waiting_for_its_commits():
-    """A SIGTERM while `sluicectl bounce` waits for a recipient a
-    transaction holds (its 8 s): the stop, past its drain (1 s here),
-    waited in ops_stop for the rest of those 8 s before any worker was
-    told to stop. Now the bounce's wait ends when the stop begins, and
-    the log says so (note=stopping) with the recipient not known to be
-    committed."""
-    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"],
-              domain_conf=stats_conf("[server]\ndrain_timeout = 1s\n"))
+@contextlib.contextmanager
+def a_bounce_waiting(conf):
+    """A relay (its domain_conf: conf) whose one message is on a
+    connection, the sink holding it at DATA (14 s), and `sluicectl --json
+    bounce` of that message running, waiting for its commit (its 8 s):
+    yields the Relay and the sluicectl process; both are ended after."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"], domain_conf=conf)
     bounce = None
     try:
         r.inject([msg(0, ["a@slow.test"])], sessions=1)
@@ -1403,6 +1402,22 @@ def test_stop_ends_a_bounce_waiting_for_its_commits():
         bounce = subprocess.Popen([SLUICECTL, "-s", sock_of(r), "--json", "bounce", qid],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         r.d.wait_log("event=operator_bounce_skipped")
+        yield r, bounce
+    finally:
+        if bounce is not None and bounce.poll() is None:
+            bounce.kill()
+            bounce.wait()
+        r.close()
+
+
+def test_stop_ends_a_bounce_waiting_for_its_commits():
+    """A SIGTERM while `sluicectl bounce` waits for a recipient a
+    transaction holds (its 8 s): the stop, past its drain (1 s here),
+    waited in ops_stop for the rest of those 8 s before any worker was
+    told to stop. Now the bounce's wait ends when the stop begins, and
+    the log says so (note=stopping) with the recipient not known to be
+    committed."""
+    with a_bounce_waiting(stats_conf("[server]\ndrain_timeout = 1s\n")) as (r, bounce):
         t0 = time.monotonic()
         r.d.signal(signal.SIGTERM)
         try:
@@ -1420,11 +1435,6 @@ def test_stop_ends_a_bounce_waiting_for_its_commits():
         assert "recipients=1 still_queued=1 note=stopping" in line, line
         bounce.communicate(timeout=30)
         assert bounce.returncode != 0  # not told done (the stats socket closed first)
-    finally:
-        if bounce is not None and bounce.poll() is None:
-            bounce.kill()
-            bounce.wait()
-        r.close()
 
 
 def test_stats_answer_while_a_command_waits():
@@ -1435,17 +1445,7 @@ def test_stats_answer_while_a_command_waits():
     answered (a flush or bounce of a million recipients: seconds to
     minutes without /metrics)."""
     hport = free_port()
-    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"],
-              domain_conf=stats_conf(http=hport))
-    bounce = None
-    try:
-        r.inject([msg(0, ["a@slow.test"])], sessions=1)
-        wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
-                   "the message on a connection")
-        qid = ctl_json(r, "queue")["messages"][0]["id"]
-        bounce = subprocess.Popen([SLUICECTL, "-s", sock_of(r), "--json", "bounce", qid],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        r.d.wait_log("event=operator_bounce_skipped")
+    with a_bounce_waiting(stats_conf(http=hport)) as (r, bounce):
         assert bounce.poll() is None, "the bounce answered before its wait"
         st = ctl_json(r, "stats")
         assert st["queue"]["messages"] == 1, st["queue"]
@@ -1456,11 +1456,6 @@ def test_stats_answer_while_a_command_waits():
         assert bounce.returncode == 0, (bounce.returncode, err)
         doc = json.loads(out.splitlines()[0])
         assert doc["recipients"] == 1 and doc["still_queued"] == 1, doc
-    finally:
-        if bounce is not None and bounce.poll() is None:
-            bounce.kill()
-            bounce.wait()
-        r.close()
 
 
 def test_commands_queued_leave_room_for_stats():
