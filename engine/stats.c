@@ -40,6 +40,10 @@
  * before the first was used) closes every descriptor received and the
  * connection, with an error.
  *
+ * At the stop, a command under way (a bounce or a flush the stop cut,
+ * which says so) still has its answer sent to its client before the
+ * clients are closed (stop_answers), within STOP_ANSWER_MS.
+ *
  * Threading: the struct is written by the stats thread only, after
  * stats_server_new() handed it over; stats_server_free() stops the
  * thread through an eventfd and joins it before touching anything.
@@ -76,6 +80,7 @@
 #define LINGER_BYTES 65536 /* and how much of it */
 #define STATS_PAGE_DOMAINS 25 /* destinations in the status page's table */
 #define PASS_FDS_ROOM      8  /* descriptors one recvmsg takes, to close those past the first */
+#define STOP_ANSWER_MS     1000  /* the stop's sending of the last answers, all clients */
 
 /* ---- rates ---- */
 
@@ -1142,6 +1147,52 @@ stats_thread(void *arg)
 
 /* ---- life cycle ---- */
 
+/* The stop (stats_server_free, the thread joined, the command thread
+ * stopped): the answers the command thread made since the stats thread
+ * last took them (a bounce or a flush the stop cut: its error, which
+ * counts what stayed queued; those queued and never run: an error too),
+ * and any answer not all sent, go out before the clients are closed.
+ * They were freed with the command thread, and sluicectl saw the
+ * connection close (exit 3, no reason) while only the log told why.
+ * Bounded: STOP_ANSWER_MS for every client together, a client that does
+ * not read is closed with its answer unsent; the caller's wait for the
+ * command itself is stats_cmd_stop's. */
+static void
+stop_answers(struct stats_server *s)
+{
+    uint64_t now = clock_mono_ms();
+    uint64_t end = now + STOP_ANSWER_MS;
+    struct stats_cmd_job *list = stats_cmd_take(s->cmd);
+    for (struct stats_cmd_job *j = list; j != NULL; j = j->next) {
+        struct client *c = &s->clients[j->slot];
+        if (c->fd < 0 || c->gen != j->gen || !c->waiting)
+            continue;
+        c->waiting = false;
+        struct json t = c->out; /* empty: the answer is swapped in */
+        c->out = j->out;
+        j->out = t;
+        c->outoff = 0;
+        c->closing = true; /* its write side shut once sent: it reads the end */
+    }
+    stats_cmd_jobs_free(list);
+    for (;;) {
+        struct pollfd pfd[STATS_CLIENTS_MAX];
+        nfds_t n = 0;
+        for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
+            struct client *c = &s->clients[i];
+            if (c->fd < 0 || c->outoff >= c->out.len)
+                continue;
+            if (client_flush(s, c, now) == 0 && c->outoff < c->out.len)
+                pfd[n++] = (struct pollfd){.fd = c->fd, .events = POLLOUT};
+        }
+        if (n == 0 || now >= end)
+            return;
+        if (poll(pfd, n, (int)(end - now)) < 0 && errno != EINTR)
+            return;
+        now = clock_mono_ms();
+    }
+}
+
 int
 stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
                  unsigned top_n, const struct stats_ops *ops, struct stats_server **out, char *err,
@@ -1206,7 +1257,10 @@ stats_server_free(struct stats_server *s)
         (void)!write(s->wake_fd, &one, sizeof(one));
         pthread_join(s->thread, NULL);
     }
-    s->cmd = stats_cmd_free(s->cmd); /* after the command under way, if any */
+    stats_cmd_stop(s->cmd); /* after the command under way, if any */
+    if (s->cmd != NULL)
+        stop_answers(s);
+    s->cmd = stats_cmd_free(s->cmd);
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
         if (s->clients[i].fd >= 0)
             client_close(&s->clients[i]);

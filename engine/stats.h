@@ -344,9 +344,11 @@ struct stats_server;
 int stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
                      unsigned top_n, const struct stats_ops *ops, struct stats_server **out,
                      char *err, size_t errlen);
-/* Stop the thread (no callback runs after it returns), close every
- * client, remove the socket file if it is still the one this server made.
- * Returns NULL. */
+/* Stop the thread (no callback runs after it returns), waiting for the
+ * engine command under way, if any; send its answer, an error to those
+ * queued behind it and what other answers are not all sent, for 1 s at
+ * most (stats.c stop_answers); close every client, remove the socket
+ * file if it is still the one this server made. Returns NULL. */
 struct stats_server *stats_server_free(struct stats_server *s);
 /* The TCP port the HTTP listener is bound to (port 0 asked: the one the
  * kernel chose); 0 when there is none. */

@@ -8,8 +8,10 @@
  * (stats_cmd_take).
  *
  * Threading: stats_cmd_new, _submit, _take and _free are the stats
- * thread's; the command thread runs ops->command and writes only the job
- * it took and the scratch buffer. lock guards todo, done and stop.
+ * thread's (_stop, _take and _free also its owner's once that thread has
+ * been joined: stats_server_free); the command thread runs ops->command
+ * and writes only the job it took and the scratch buffer. lock guards
+ * todo, done and stop.
  *
  * A job owns the descriptor its client passed with the line, if any
  * (stats.h, struct stats_caller): closed once its command ran, or with
@@ -167,18 +169,43 @@ fail:
     return rc;
 }
 
+void
+stats_cmd_stop(struct stats_cmd *q)
+{
+    if (q == NULL || !q->started)
+        return;
+    /* After the command under way, if any: it may wait a while */
+    pthread_mutex_lock(&q->lock);
+    q->stop = true;
+    pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->lock);
+    pthread_join(q->thread, NULL);
+    q->started = false;
+    /* Those it never came to are answered so, beside the one it ran: a
+     * client told why, not a connection closed. */
+    pthread_mutex_lock(&q->lock);
+    while (q->todo != NULL) {
+        struct stats_cmd_job *j = q->todo;
+        q->todo = j->next;
+        if (j->who.fd >= 0)
+            close(j->who.fd);
+        j->who.fd = -1;
+        json_reset(&j->out);
+        stats_answer_error(&j->out, "sluice is stopping: the command was not run");
+        json_raw(&j->out, "\n", 1);
+        j->next = q->done;
+        q->done = j;
+    }
+    q->todo_tail = &q->todo;
+    pthread_mutex_unlock(&q->lock);
+}
+
 struct stats_cmd *
 stats_cmd_free(struct stats_cmd *q)
 {
     if (q == NULL)
         return NULL;
-    if (q->started) { /* after the command under way, if any: it may wait a while */
-        pthread_mutex_lock(&q->lock);
-        q->stop = true;
-        pthread_cond_signal(&q->cv);
-        pthread_mutex_unlock(&q->lock);
-        pthread_join(q->thread, NULL);
-    }
+    stats_cmd_stop(q);
     stats_cmd_jobs_free(q->todo);
     stats_cmd_jobs_free(q->done);
     pthread_mutex_destroy(&q->lock);

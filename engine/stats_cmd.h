@@ -31,8 +31,15 @@ struct stats_cmd_job {
  * Returns 0 and *out, or a negative code with a message in err. */
 int stats_cmd_new(const struct stats_ops *ops, struct stats_cmd **out, char *err,
                   size_t errlen);
-/* Stop the thread (after the command under way, if any: it may wait a
- * while) and free what it holds, answered or not. Returns NULL. */
+/* Stop the thread, after the command under way if any (no bound of its
+ * own: the engine's commands give up once the stop began, e->stopping,
+ * and the stop as a whole has its watch, engine_stop). Its answer, and
+ * an error for each command queued and never run, are left for
+ * stats_cmd_take(), so that the caller can send them before it closes
+ * their clients. Idempotent. */
+void stats_cmd_stop(struct stats_cmd *q);
+/* Stop the thread if it runs (stats_cmd_stop) and free what it holds,
+ * answered or not. Returns NULL. */
 struct stats_cmd *stats_cmd_free(struct stats_cmd *q);
 /* An eventfd, readable once answers wait in stats_cmd_take(). */
 int stats_cmd_fd(const struct stats_cmd *q);

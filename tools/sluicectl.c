@@ -104,8 +104,8 @@ static const struct cmd cmds[] = {
      "event in the delivery log. The answer waits (up to 8 s) for the bounce's\n"
      "commit: still_queued counts the selected recipients still in the spool then\n"
      "(deferred by a transaction under way: bounce again); a stop of sluice ends\n"
-     "that wait (the log's event=operator_bounce says note=stopping). This cannot be\n"
-     "undone.",
+     "that wait: an error that counts those still queued (exit 1; the log's\n"
+     "event=operator_bounce says note=stopping). This cannot be undone.",
      0, 4, run_scoped},
     {"reload", "", "reread the configuration file (as SIGHUP does)",
      "Waits (up to 8 s) for the outcome: \"reload done: changed\" and the\n"

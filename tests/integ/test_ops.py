@@ -1416,8 +1416,18 @@ def test_stop_ends_a_bounce_waiting_for_its_commits():
     waited in ops_stop for the rest of those 8 s before any worker was
     told to stop. Now the bounce's wait ends when the stop begins, and
     the log says so (note=stopping) with the recipient not known to be
-    committed."""
-    with a_bounce_waiting(stats_conf("[server]\ndrain_timeout = 1s\n")) as (r, bounce):
+    committed; sluicectl prints the bounce's error and exits 1 (the
+    stats socket's clients were closed before that answer was made: it
+    saw the connection close, exit 3 and no reason, and only the log
+    told why). A command queued behind the bounce, never run, is told
+    so."""
+    with a_bounce_waiting(stats_conf("[server]\ndrain_timeout = 1s\n")) as (r, bounce), \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as queued:
+        queued.settimeout(30)
+        queued.connect(sock_of(r))
+        # read by the stats thread long before the stop reaches it: the
+        # drain comes first (1 s, the transaction held for 14)
+        queued.sendall(b"queue 1\n")
         t0 = time.monotonic()
         r.d.signal(signal.SIGTERM)
         try:
@@ -1433,8 +1443,16 @@ def test_stop_ends_a_bounce_waiting_for_its_commits():
         assert took < 5, f"took {took:.1f}s to stop"
         (line,) = r.d.log_lines("event=operator_bounce what=")
         assert "recipients=1 still_queued=1 note=stopping" in line, line
-        bounce.communicate(timeout=30)
-        assert bounce.returncode != 0  # not told done (the stats socket closed first)
+        out, err = bounce.communicate(timeout=30)
+        # sluice's error (exit 1), not a connection closed (exit 3)
+        assert bounce.returncode == 1, (bounce.returncode, out, err)
+        assert err.strip() == ("sluicectl: bounced 1, then sluice stopped: 1 of them still "
+                               "queued or not known to be committed (any still queued at the "
+                               "next start: bounce again)"), err
+        doc = json.loads(out.splitlines()[0])
+        assert doc["ok"] is False and doc["error"].startswith("bounced 1, then sluice"), doc
+        doc = json.loads(queued.makefile("rb").readline())
+        assert doc == {"ok": False, "error": "sluice is stopping: the command was not run"}, doc
 
 
 def test_stats_answer_while_a_command_waits():
