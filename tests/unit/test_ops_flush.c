@@ -507,14 +507,6 @@ teardown(void **state)
     return 0;
 }
 
-static uint64_t
-unix_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* n deferred recipients of domain (tenant: NULL for none), due in an
  * hour, one message each. */
 static void
@@ -525,7 +517,7 @@ spool_add(const char *domain, const char *tenant, size_t n)
         assert_true(S.nr < MAXR);
         S.r[S.nr++] = (struct frcpt){.id = next_id++, .idx = 0, .domain = domain,
                                      .tenant = tenant ? tenant : "", .deferred = true,
-                                     .due_ms = unix_ms() + 3600 * 1000};
+                                     .due_ms = clock_unix_ms() + 3600 * 1000};
     }
 }
 
@@ -671,9 +663,9 @@ flush_counts_the_recipients_already_due(void **state)
     spool_add("a.test", NULL, 2);
     spool_add("a.test", NULL, 3);
     for (size_t i = S.nr - 3; i < S.nr; i++)
-        S.r[i].due_ms = unix_ms() - 1000; /* overdue */
+        S.r[i].due_ms = clock_unix_ms() - 1000; /* overdue */
     spool_add("b.test", NULL, 1);
-    S.r[S.nr - 1].due_ms = unix_ms() - 1000; /* another domain's */
+    S.r[S.nr - 1].due_ms = clock_unix_ms() - 1000; /* another domain's */
     char answer[512];
     flush("a.test", answer, sizeof(answer));
     assert_int_equal(S.retimed, 2);
@@ -771,14 +763,6 @@ flush_overtaken_by_a_stop_on_a_dead_spool_gives_up(void **state)
     assert_non_null(strstr(err, "flushed 0 of 8000"));
 }
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* Run "bounce ARGS" as the stats thread does: its return, the answer's
  * JSON or the error in text. */
 static int
@@ -827,7 +811,7 @@ stop_after_two_looks(void *arg)
             break;
         nanosleep(&tick, NULL);
     }
-    *at = mono_ms();
+    *at = clock_mono_ms();
     atomic_store(&S.e->stopping, true);
     return NULL;
 }
@@ -849,7 +833,7 @@ bounce_wait_ends_at_the_stop(void **state)
     assert_int_equal(pthread_create(&th, NULL, stop_after_two_looks, &stop_at), 0);
     char text[512];
     int rc = bounce("a.test", text, sizeof(text));
-    uint64_t end = mono_ms();
+    uint64_t end = clock_mono_ms();
     assert_int_equal(pthread_join(th, NULL), 0);
     print_message("the bounce answered %llu ms after the stop\n",
                   (unsigned long long)(end - stop_at));
@@ -948,10 +932,10 @@ main_part_run(void *arg)
          * told as it went. */
         atomic_store(m->drain ? &S.e->draining : &S.e->stopping, true);
         engine_reload_done(S.e, true, NULL);
-        m->stop_at = mono_ms();
+        m->stop_at = clock_mono_ms();
         return NULL;
     }
-    m->stop_at = mono_ms();
+    m->stop_at = clock_mono_ms();
     if (m->drain) {
         drain_begin();
         return NULL;
@@ -976,7 +960,7 @@ reload_wait_ends_at_the_stop(void **state)
     char text[512];
     backstop_arm("a reload's wait overtaken by a stop");
     int rc = reload(text, sizeof(text));
-    uint64_t end = mono_ms();
+    uint64_t end = clock_mono_ms();
     backstop_clear();
     assert_int_equal(pthread_join(th, NULL), 0);
     assert_true(m.hup);
@@ -997,11 +981,11 @@ reload_after_the_stop_began_answers_at_once(void **state)
     (void)state;
     atomic_store(&S.e->stopping, true);
     char text[512];
-    uint64_t start = mono_ms();
+    uint64_t start = clock_mono_ms();
     backstop_arm("a reload asked after the stop began");
     int rc = reload(text, sizeof(text));
     backstop_clear();
-    uint64_t took = mono_ms() - start;
+    uint64_t took = clock_mono_ms() - start;
     (void)hup_taken(1000); /* its SIGHUP, left pending by now */
     print_message("the reload answered in %llu ms\n", (unsigned long long)took);
     assert_true(took < 2000);
@@ -1044,7 +1028,7 @@ reload_wait_ends_at_the_drain(void **state)
     char text[512];
     backstop_arm("a reload's wait overtaken by a drain");
     int rc = reload(text, sizeof(text));
-    uint64_t end = mono_ms();
+    uint64_t end = clock_mono_ms();
     backstop_clear();
     assert_int_equal(pthread_join(th, NULL), 0);
     assert_true(m.hup);
@@ -1065,10 +1049,10 @@ reload_after_the_drain_began_answers_at_once(void **state)
     (void)state;
     drain_begin();
     char text[512];
-    uint64_t start = mono_ms();
+    uint64_t start = clock_mono_ms();
     backstop_arm("a reload asked after the drain began");
     int rc = reload(text, sizeof(text));
-    uint64_t took = mono_ms() - start;
+    uint64_t took = clock_mono_ms() - start;
     (void)hup_taken(1000); /* its SIGHUP, left pending by now */
     print_message("the reload answered in %llu ms\n", (unsigned long long)took);
     assert_int_not_equal(rc, 0);
