@@ -1386,6 +1386,16 @@ def test_bounce_of_mail_on_a_connection_says_it_stayed():
         r.close()
 
 
+def hold_a_message_on_a_connection(r):
+    """One message to slow.test (the relay's only domain, its sink
+    holding each transaction at DATA) on a connection now; its queue
+    id."""
+    r.inject([msg(0, ["a@slow.test"])], sessions=1)
+    wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
+               "the message on a connection")
+    return ctl_json(r, "queue")["messages"][0]["id"]
+
+
 @contextlib.contextmanager
 def a_bounce_waiting(conf):
     """A relay (its domain_conf: conf) whose one message is on a
@@ -1395,10 +1405,7 @@ def a_bounce_waiting(conf):
     r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"], domain_conf=conf)
     bounce = None
     try:
-        r.inject([msg(0, ["a@slow.test"])], sessions=1)
-        wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
-                   "the message on a connection")
-        qid = ctl_json(r, "queue")["messages"][0]["id"]
+        qid = hold_a_message_on_a_connection(r)
         bounce = subprocess.Popen([SLUICECTL, "-s", sock_of(r), "--json", "bounce", qid],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         r.d.wait_log("event=operator_bounce_skipped")
@@ -1726,6 +1733,38 @@ def test_redis_password_with_slash_and_at():
                 r.close()
     finally:
         redis.stop()
+
+
+def test_reload_during_a_drain_says_it_was_not_done():
+    """`sluicectl reload` while sluice drains (a SIGTERM taken, a
+    transaction held at the sink): the main thread takes no SIGHUP once
+    it drains, and the command waited its 8 s, then printed "reload
+    requested (not finished yet: see the log)" and exited 0 for a reload
+    never done. It answers at once that the reload was not done."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"],
+              domain_conf=stats_conf("[server]\ndrain_timeout = 20s\n"))
+    try:
+        hold_a_message_on_a_connection(r)
+        r.d.signal(signal.SIGTERM)
+        r.d.wait_log("event=draining")  # the workers' line: engine_drain began
+        t0 = time.monotonic()
+        p = ctl(r, "reload")
+        took = time.monotonic() - t0
+        err = one_line_error(p, 1)
+        assert err == ("sluicectl: sluice is draining: the reload was not done (the next "
+                       "start reads the file)"), err
+        assert took < 5, f"answered in {took:.1f}s"  # the wait's 8 s before
+        assert r.d.count_log("event=sighup") == 0
+        r.d.signal(signal.SIGTERM)  # a second one ends the drain
+        try:
+            rc = r.d.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("sluice did not exit within 30 s of the second SIGTERM")
+        r.d.reader.join(5)
+        r.d.check_sanitizers()
+        assert rc == 0, f"exit {rc}:\n" + "\n".join(r.d.lines[-20:])
+    finally:
+        r.close()
 
 
 def test_reload_refused_says_why():
@@ -2122,6 +2161,7 @@ if __name__ == "__main__":
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
           test_shaping_by_hand_without_redis_says_this_node,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_reload_says_what_changed,
+          test_reload_during_a_drain_says_it_was_not_done,
           test_reload_says_which_files_changed, test_queue_lists_like_mailq,
           test_queue_answer_has_a_size_cap,
           test_sigterm_drains_and_restart_loses_nothing,
