@@ -381,23 +381,34 @@ cmd_submit(struct stats_server *s, struct client *c, const struct command *cmd, 
     return true;
 }
 
+/* j's answer becomes its client's, if that client is still there (one
+ * that left meanwhile lost its slot, perhaps to another: gen tells):
+ * that client, else NULL. */
+static struct client *
+cmd_answer_take(struct stats_server *s, struct stats_cmd_job *j)
+{
+    struct client *c = &s->clients[j->slot];
+    if (c->fd < 0 || c->gen != j->gen || !c->waiting)
+        return NULL;
+    c->waiting = false;
+    struct json t = c->out; /* empty: the answer is swapped in */
+    c->out = j->out;
+    j->out = t;
+    c->outoff = 0;
+    return c;
+}
+
 /* The answers the command thread made go to their clients, those still
- * there (a client that left meanwhile lost its slot, perhaps to another:
- * gen tells). */
+ * there. */
 static void
 cmd_answers(struct stats_server *s, uint64_t now)
 {
     struct stats_cmd_job *list = stats_cmd_take(s->cmd);
     for (struct stats_cmd_job *j = list; j != NULL; j = j->next) {
         s->cmd_queued--;
-        struct client *c = &s->clients[j->slot];
-        if (c->fd < 0 || c->gen != j->gen || !c->waiting)
+        struct client *c = cmd_answer_take(s, j);
+        if (c == NULL)
             continue;
-        c->waiting = false;
-        struct json t = c->out; /* empty: the answer is swapped in */
-        c->out = j->out;
-        j->out = t;
-        c->outoff = 0;
         c->answer_at = now;
         c->req_start = c->inlen > 0 ? now : 0;
         client_rearm(s, c);
@@ -1164,15 +1175,9 @@ stop_answers(struct stats_server *s)
     uint64_t end = now + STOP_ANSWER_MS;
     struct stats_cmd_job *list = stats_cmd_take(s->cmd);
     for (struct stats_cmd_job *j = list; j != NULL; j = j->next) {
-        struct client *c = &s->clients[j->slot];
-        if (c->fd < 0 || c->gen != j->gen || !c->waiting)
-            continue;
-        c->waiting = false;
-        struct json t = c->out; /* empty: the answer is swapped in */
-        c->out = j->out;
-        j->out = t;
-        c->outoff = 0;
-        c->closing = true; /* its write side shut once sent: it reads the end */
+        struct client *c = cmd_answer_take(s, j);
+        if (c != NULL)
+            c->closing = true; /* its write side shut once sent: it reads the end */
     }
     stats_cmd_jobs_free(list);
     for (;;) {
