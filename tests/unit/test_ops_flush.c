@@ -945,6 +945,57 @@ main_part_run(void *arg)
     return NULL;
 }
 
+/* Run `reload` while the main thread's part m runs beside it: the
+ * command's return, its answer in text, when it came (mono ms) in *at.
+ * m saw the SIGHUP and the command in its wait. */
+static int
+reload_beside(struct main_part *m, const char *what, char *text, size_t cap, uint64_t *at)
+{
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, main_part_run, m), 0);
+    backstop_arm(what);
+    int rc = reload(text, cap);
+    *at = clock_mono_ms();
+    backstop_clear();
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(m->hup);
+    assert_true(m->waiting);
+    return rc;
+}
+
+/* The drain or the stop begins while the command waits: it answers at
+ * once, the error want. */
+static void
+reload_overtaken(bool drain, const char *want)
+{
+    struct main_part m = {.drain = drain};
+    char text[512];
+    uint64_t end;
+    const char *what =
+        drain ? "a reload's wait overtaken by a drain" : "a reload's wait overtaken by a stop";
+    int rc = reload_beside(&m, what, text, sizeof(text), &end);
+    print_message("the reload answered %llu ms after the %s began\n",
+                  (unsigned long long)(end - m.stop_at), drain ? "drain" : "stop");
+    assert_int_not_equal(rc, 0);
+    assert_string_equal(text, want);
+    assert_true(end - m.stop_at < 2000); /* a loaded machine; never the wait's 8 s */
+}
+
+/* The reload finishes as the drain or the stop begins, both seen by
+ * the same wake: the reload is told as it went. */
+static void
+reload_finished_first(bool drain)
+{
+    struct main_part m = {.reload_first = true, .drain = drain};
+    char text[512];
+    uint64_t end;
+    const char *what =
+        drain ? "a reload finished as the drain began" : "a reload finished as the stop began";
+    int rc = reload_beside(&m, what, text, sizeof(text), &end);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(text, "\"reload\":\"done\""));
+}
+
 /* A stop while `reload` waits for its outcome: the main thread takes no
  * SIGHUP once it stops, and the wait went on for its 8 s
  * (RELOAD_WAIT_MS) inside the command thread ops_stop waits for, which
@@ -954,23 +1005,8 @@ static void
 reload_wait_ends_at_the_stop(void **state)
 {
     (void)state;
-    struct main_part m = {0};
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
-    char text[512];
-    backstop_arm("a reload's wait overtaken by a stop");
-    int rc = reload(text, sizeof(text));
-    uint64_t end = clock_mono_ms();
-    backstop_clear();
-    assert_int_equal(pthread_join(th, NULL), 0);
-    assert_true(m.hup);
-    assert_true(m.waiting);
-    print_message("the reload answered %llu ms after the stop\n",
-                  (unsigned long long)(end - m.stop_at));
-    assert_true(end - m.stop_at < 2000); /* a loaded machine; never the wait's 8 s */
-    assert_int_not_equal(rc, 0);
-    assert_string_equal(text, "sluice is stopping: the reload was not done "
-                              "(the next start reads the file)");
+    reload_overtaken(false, "sluice is stopping: the reload was not done "
+                            "(the next start reads the file)");
 }
 
 /* A reload asked once the stop has begun (stopping set, ops_stop not yet
@@ -999,18 +1035,7 @@ static void
 reload_finished_before_the_stop_is_told_as_done(void **state)
 {
     (void)state;
-    struct main_part m = {.reload_first = true};
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
-    char text[512];
-    backstop_arm("a reload finished as the stop began");
-    int rc = reload(text, sizeof(text));
-    backstop_clear();
-    assert_int_equal(pthread_join(th, NULL), 0);
-    assert_true(m.hup);
-    assert_true(m.waiting);
-    assert_int_equal(rc, 0);
-    assert_non_null(strstr(text, "\"reload\":\"done\""));
+    reload_finished_first(false);
 }
 
 /* A drain while `reload` waits for its outcome: the main thread takes
@@ -1022,23 +1047,8 @@ static void
 reload_wait_ends_at_the_drain(void **state)
 {
     (void)state;
-    struct main_part m = {.drain = true};
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
-    char text[512];
-    backstop_arm("a reload's wait overtaken by a drain");
-    int rc = reload(text, sizeof(text));
-    uint64_t end = clock_mono_ms();
-    backstop_clear();
-    assert_int_equal(pthread_join(th, NULL), 0);
-    assert_true(m.hup);
-    assert_true(m.waiting);
-    print_message("the reload answered %llu ms after the drain began\n",
-                  (unsigned long long)(end - m.stop_at));
-    assert_int_not_equal(rc, 0);
-    assert_string_equal(text, "sluice is draining: the reload was not done "
-                              "(the next start reads the file)");
-    assert_true(end - m.stop_at < 2000); /* a loaded machine; never the wait's 8 s */
+    reload_overtaken(true, "sluice is draining: the reload was not done "
+                           "(the next start reads the file)");
 }
 
 /* A reload asked once the drain has begun answers at once, as above; one
@@ -1073,18 +1083,7 @@ static void
 reload_finished_before_the_drain_is_told_as_done(void **state)
 {
     (void)state;
-    struct main_part m = {.reload_first = true, .drain = true};
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, main_part_run, &m), 0);
-    char text[512];
-    backstop_arm("a reload finished as the drain began");
-    int rc = reload(text, sizeof(text));
-    backstop_clear();
-    assert_int_equal(pthread_join(th, NULL), 0);
-    assert_true(m.hup);
-    assert_true(m.waiting);
-    assert_int_equal(rc, 0);
-    assert_non_null(strstr(text, "\"reload\":\"done\""));
+    reload_finished_first(true);
 }
 
 int
