@@ -1,9 +1,9 @@
 /*
  * wall_clock: this binary's clock_gettime(), with CLOCK_REALTIME ahead of
- * the kernel's by wall_clock_ahead_ms (0: the real one), for the tests
- * whose subject is the wall clock: one passing (moved on instead of
- * slept through, so that no stall of a loaded machine adds to what
- * passed) or stepping. Every call of a binary that links it comes here
+ * the kernel's by wall_clock_ahead_ms (0: the real one; negative: behind),
+ * for the tests whose subject is the wall clock: one passing (moved on
+ * instead of slept through, so that no stall of a loaded machine adds to
+ * what passed) or stepping. Every call of a binary that links it comes here
  * (it defines the symbol) and goes to the kernel; CLOCK_MONOTONIC (the
  * deadlines and waits of common/clock.h), time(2), gettimeofday(2) and
  * the _COARSE clocks are left be. A thread that called

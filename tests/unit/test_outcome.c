@@ -5,7 +5,9 @@
  * real spool in a temporary directory, the delivery log's lines caught
  * by its hook. Each recipient must end in exactly one final outcome,
  * told once: a bounce of a recipient that is already done, or whose
- * final outcome is not durable yet, tells nothing.
+ * final outcome is not durable yet, tells nothing. And the wall clock
+ * these tests move (tests/support/wall_clock.c) set behind the kernel's
+ * gives a time in range.
  */
 #include <errno.h>
 #include <ftw.h>
@@ -1725,10 +1727,57 @@ drain_not_done_while_an_outcome_waits_to_be_tried_again(void **state)
     fx_free(f);
 }
 
+/* The support clock itself (tests/support/wall_clock.c) behind the
+ * kernel's, as a test stepping the wall clock back sets it: every
+ * timespec it gives has tv_nsec in [0, 1e9) (a negative one, from a
+ * remainder taken toward 0, is one no reader expects), and its time is
+ * the kernel's less the offset: read between two readings of the kernel's
+ * (a thread of the test's own, wall_clock_keep_real), to the ms. */
+static void *
+kernel_realtime(void *arg)
+{
+    wall_clock_keep_real();
+    struct timespec *ts = arg;
+    clock_gettime(CLOCK_REALTIME, ts);
+    return NULL;
+}
+
+static long long
+ts_ms(const struct timespec *ts)
+{
+    return (long long)ts->tv_sec * 1000 + ts->tv_nsec / 1000000;
+}
+
+static void
+wall_clock_behind_keeps_tv_nsec_in_range(void **state)
+{
+    (void)state;
+    static const long long offsets[] = {-1,    -999, -1000, -1001, -1500,
+                                        -2999, 999,  1001,  1999,  -3600000};
+    for (size_t i = 0; i < sizeof(offsets) / sizeof(offsets[0]); i++) {
+        struct timespec before, at, after;
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, kernel_realtime, &before), 0);
+        assert_int_equal(pthread_join(t, NULL), 0);
+        wall_clock_ahead_ms = offsets[i];
+        assert_int_equal(clock_gettime(CLOCK_REALTIME, &at), 0);
+        wall_clock_ahead_ms = 0;
+        assert_int_equal(pthread_create(&t, NULL, kernel_realtime, &after), 0);
+        assert_int_equal(pthread_join(t, NULL), 0);
+        if (at.tv_nsec < 0 || at.tv_nsec >= 1000000000L)
+            fail_msg("offset %lld ms: tv_nsec %ld", offsets[i], at.tv_nsec);
+        long long ms = ts_ms(&at) - offsets[i];
+        if (ms < ts_ms(&before) || ms > ts_ms(&after))
+            fail_msg("offset %lld ms: %lld ms, not within [%lld, %lld] less the offset", offsets[i],
+                     ts_ms(&at), ts_ms(&before), ts_ms(&after));
+    }
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(wall_clock_behind_keeps_tv_nsec_in_range),
         cmocka_unit_test(bounce_of_a_gone_message_tells_nothing),
         cmocka_unit_test(second_bounce_before_the_first_is_durable),
         cmocka_unit_test(bounce_after_a_250_not_yet_durable),
