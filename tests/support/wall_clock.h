@@ -9,7 +9,7 @@
  * the _COARSE clocks are left be. A thread that called
  * wall_clock_keep_real() reads the kernel's (a test's own, which works
  * out what the others should do from the real time). One implementation
- * for test_outcome and test_shaping.
+ * for test_outcome, test_shaping and test_mta_sts.
  *
  * Threading: any thread; wall_clock_ahead_ms is atomic, and
  * wall_clock_keep_real marks only the thread that calls it.
