@@ -26,6 +26,7 @@ from harness import Workdir, dkimpy_verify, main, run, skip, wait_until  # noqa:
 import test_delivery  # noqa: E402
 from test_delivery import Relay, records_for  # noqa: E402
 from test_outcomes import events, wait_events  # noqa: E402
+from spool_lock import SpoolWriteLock, writer_waits_for_lock  # noqa: E402 (tests/support)
 
 SLUICE = sys.argv[1]
 test_delivery.SLUICE = SLUICE
@@ -547,31 +548,6 @@ def test_bdat_and_clients_that_leave_while_signing():
         t.close()
 
 
-def writer_waits_for_lock(pid):
-    """Whether the spool's writer thread (sluice-queue) of sluice pid is
-    blocked on LMDB's write lock: in futex(2) on an address inside its
-    lock.mdb mapping (/proc/PID/maps; /proc/PID/task/TID/syscall: the
-    syscall number, then its arguments)."""
-    spans = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            if line.rstrip().endswith("/lock.mdb"):
-                lo, hi = line.split()[0].split("-")
-                spans.append((int(lo, 16), int(hi, 16)))
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if f.read().strip() != "sluice-queue":
-                    continue
-            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-                sc = f.read().split()
-        except OSError:
-            continue
-        if len(sc) > 1 and sc[0] == "202" and any(lo <= int(sc[1], 16) < hi for lo, hi in spans):
-            return True
-    return False
-
-
 def test_tls_report_signed_across_a_reload():
     """A TLS report mailed by the node is signed on the MTA-STS thread
     (engine.c local_dkim); its reception event names the signature after
@@ -590,13 +566,7 @@ def test_tls_report_signed_across_a_reload():
     try:
         w.send("a@badcert.test")  # a TLS failure under an enforce policy: counted
         assert "event=deferred" in w.outcome("a@badcert.test")
-        hold = subprocess.Popen(["mdb_load", "-s", "rcpt", os.path.join(w.wd.path, "spool")],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        # mdb_load takes the write lock once it has read a header, then
-        # waits for records that never come until its input is closed.
-        hold.stdin.write(b"VERSION=3\nformat=bytevalue\ntype=btree\nHEADER=END\n")
-        hold.stdin.flush()
+        hold = SpoolWriteLock(os.path.join(w.wd.path, "spool"))
         # The report is signed, then handed to the spool, whose writer
         # then waits behind mdb_load.
         assert w.ctl("tlsrpt flush").get("ok") is not False
@@ -604,9 +574,7 @@ def test_tls_report_signed_across_a_reload():
                    "the report's commit to wait behind mdb_load")
         os.kill(w.d.proc.pid, signal.SIGHUP)
         w.d.wait_log("event=config_reloaded")
-        hold.stdin.close()  # mdb_load commits nothing and lets go
-        assert hold.wait(timeout=30) == 0
-        hold = None
+        assert hold.release() == 0  # mdb_load commits nothing and lets go
         w.d.wait_log("event=tlsrpt_mailed domain=badcert.test")
 
         def reception():
@@ -618,8 +586,7 @@ def test_tls_report_signed_across_a_reload():
         assert w.d.proc.poll() is None
     finally:
         if hold is not None:
-            hold.kill()
-            hold.wait()
+            hold.stop()
         w.close()
 
 

@@ -46,6 +46,7 @@ import time
 
 from harness import (WAIT, Sluice, Workdir, dkimpy_verify, extra_env, free_port, log_fields, main,
                      run, skip, stats_ask, wait_until)
+from spool_lock import SpoolWriteLock, have_mdb_load, writer_waits_for_lock  # tests/support
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
 try:
@@ -1033,9 +1034,8 @@ def test_stop_names_a_report_whose_commit_hangs():
     stop's watch names that step (stage=tlsrpt_mail; before, the stage
     the watch starts with: workers), and the wait was said before the
     stop (event=tlsrpt_enqueue_slow)."""
-    if run(["which", "mdb_load"]).returncode != 0:
+    if not have_mdb_load():
         skip("mdb_load not installed (tools/install-deps --test)")
-    from test_dkim import writer_waits_for_lock
     w = World()
     hold = None
     try:
@@ -1050,13 +1050,7 @@ def test_stop_names_a_report_whose_commit_hangs():
             w.start()
         w.send("a@badcert.test")  # a TLS failure under an enforce policy: counted
         assert "event=deferred" in w.outcome("a@badcert.test")
-        hold = subprocess.Popen(["mdb_load", "-s", "rcpt", os.path.join(w.wd.path, "spool")],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        # mdb_load takes the write lock once it has read a header, then
-        # waits for records that never come until its input is closed.
-        hold.stdin.write(b"VERSION=3\nformat=bytevalue\ntype=btree\nHEADER=END\n")
-        hold.stdin.flush()
+        hold = SpoolWriteLock(os.path.join(w.wd.path, "spool"))
         wait_until(lambda: writer_waits_for_lock(w.d.proc.pid), 30,
                    "the spool's writer to wait behind mdb_load")
         assert w.ctl("tlsrpt flush").get("ok") is not False
@@ -1077,8 +1071,7 @@ def test_stop_names_a_report_whose_commit_hangs():
         assert not w.d.log_lines(f"id={qid} event=tlsrpt_queued"), w.d.lines[-20:]
     finally:
         if hold is not None:
-            hold.kill()
-            hold.wait()
+            hold.stop()
         w.close()
 
 
