@@ -393,6 +393,17 @@ def stats_ask(path, line="stats", timeout=10):
     return json.loads(buf)
 
 
+def log_time(line):
+    """The time of a log line's stamp (2026-12-06T10:00:56.020Z ...), in
+    seconds since the epoch (UTC, to the ms): the daemon's own clock, for
+    the time between two of its lines."""
+    import calendar
+    stamp = line.split(" ", 1)[0]
+    t = time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")
+    assert stamp[19] == "." and stamp.endswith("Z"), stamp
+    return calendar.timegm(t) + int(stamp[20:-1]) / 10 ** (len(stamp) - 21)
+
+
 def log_fields(line):
     """The keys and values of a log line as a key=value reader that honours
     quotes and backslashes sees them: [(key, raw value), ...]."""
