@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 
-from harness import (Sluice, Workdir, extra_env, free_port, log_fields, main, preload, skip,
-                     spool_messages, spool_tool, wait_until)
+from harness import (Sluice, Workdir, extra_env, free_port, log_fields, log_time, main, preload,
+                     skip, spool_messages, spool_tool, wait_until)
 import test_delivery
 from test_delivery import Dns, HostileMx, Sink, _read_until
 
@@ -33,13 +33,6 @@ SLUICE = sys.argv[1]
 test_delivery.SLUICE = SLUICE
 SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
-
-
-def log_time(line):
-    """The seconds of a log line's stamp (2026-12-06T10:00:56.020Z ...)."""
-    import datetime
-    stamp = line.split(" ", 1)[0]
-    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
 def need(*tools):
