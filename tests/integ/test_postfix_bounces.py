@@ -1,8 +1,9 @@
 """Out-of-band bounces made by a real Postfix.
 
 sluice relays, with VERP senders, to a private Postfix instance on loopback
-(its own main.cf and master.cf in a temp dir, its smtpd on a free port,
-started as `master -d` and stopped by PID). That Postfix accepts every
+(tests/support/private_postfix.py: its own main.cf and master.cf in a
+temp dir, its smtpd on a free port, started as `master -d` and stopped by
+PID). That Postfix accepts every
 recipient of its domain, fails to deliver them (local_transport =
 error:5.1.1) and, like any MX that accepts first and bounces later, sends
 its DSN to the envelope sender: the VERP address, routed by its
@@ -17,122 +18,32 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 
 from harness import free_port, main, skip, wait_until
-from test_delivery import Relay, connectable, records_for
+from private_postfix import PrivatePostfix  # tests/support
+from test_delivery import Relay, records_for
 
 KEY = b"postfix-bounce-test-key-0123456789"
-DAEMON_DIR = "/usr/lib/postfix/sbin"
 
 
-class Postfix:
+def bouncing_postfix(port, domain, bounce_domain, bounce_port):
     """A private Postfix: smtpd on 127.0.0.1:port for domain, bouncing every
     recipient, its bounces for bounce_domain sent to 127.0.0.1:bounce_port."""
-
-    def __init__(self, port, domain, bounce_domain, bounce_port):
-        if os.geteuid() != 0:
-            skip("a private Postfix instance needs root")
-        if not os.path.exists(f"{DAEMON_DIR}/master") or shutil.which("postconf") is None:
-            skip("postfix not installed (tools/install-deps --test)")
-        self.dir = tempfile.mkdtemp(prefix="sluice-postfix-")
-        os.chmod(self.dir, 0o755)
-        self.proc = None
-        etc = os.path.join(self.dir, "etc")
-        os.makedirs(etc)
-        self.maillog = os.path.join(self.dir, "maillog")
-        with open(os.path.join(etc, "main.cf"), "w") as f:
-            f.write(f"""compatibility_level = 3.6
-queue_directory = {self.dir}/queue
-data_directory = {self.dir}/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = mx.{domain}
-mydomain = {domain}
+    why = PrivatePostfix.missing()
+    if why is not None:
+        skip(why)
+    return PrivatePostfix(port, f"mx.{domain}", f"""mydomain = {domain}
 myorigin = {domain}
 mydestination = {domain}
-mynetworks = 127.0.0.0/8
 local_recipient_maps =
 smtpd_reject_unlisted_recipient = no
 alias_maps =
 alias_database =
 local_transport = error:5.1.1 mailbox unavailable
 transport_maps = inline:{{{bounce_domain}=smtp:[127.0.0.1]:{bounce_port}}}
-smtp_tls_security_level = none
-smtpd_tls_security_level = none
-maillog_file = {self.maillog}
-maillog_file_prefixes = {self.dir}
 delay_warning_time = 0
-smtputf8_enable = no
-biff = no
 """)
-        with open(os.path.join(etc, "master.cf"), "w") as f:
-            f.write(f"""127.0.0.1:{port} inet n - n - - smtpd
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-smtp      unix  - - n - - smtp
-relay     unix  - - n - - smtp
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-local     unix  - n n - - local
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-""")
-        try:
-            os.makedirs(os.path.join(self.dir, "data"))
-            shutil.chown(os.path.join(self.dir, "data"), "postfix")
-            subprocess.run([f"{DAEMON_DIR}/post-install", f"config_directory={etc}",
-                            "meta_directory=/etc/postfix", "command_directory=/usr/sbin",
-                            f"daemon_directory={DAEMON_DIR}", "create-missing"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            # Its own session: master signals its whole process group when
-            # it stops, which must not be the test's.
-            self.proc = subprocess.Popen([f"{DAEMON_DIR}/master", "-c", etc, "-d"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)
-            wait_until(lambda: connectable(port) or self.proc.poll() is not None, 20,
-                       "Postfix's smtpd to listen")
-            if self.proc.poll() is not None:
-                raise AssertionError(f"postfix master exited {self.proc.returncode}: "
-                                     f"{self.log()[-2000:]}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def log(self):
-        try:
-            with open(self.maillog, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self):
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
-        finally:
-            if os.environ.get("KEEP_TMP") != "1":
-                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def events(path, kind):
@@ -165,7 +76,7 @@ listen = 127.0.0.1:{bport}
 verp_domain = bounces.test
 verp_key_file = {keyfile}
 """)
-        pf = Postfix(r.mx_port, "pf.test", "bounces.test", bport)
+        pf = bouncing_postfix(r.mx_port, "pf.test", "bounces.test", bport)
         rcpts = ["gone@pf.test", "missing@pf.test"]
         r.inject([("news@shop.test", rcpts,
                    b"From: news@shop.test\r\nTo: reader@pf.test\r\nSubject: offers\r\n"
