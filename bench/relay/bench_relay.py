@@ -8,10 +8,20 @@ ceiling of the tools on this machine.
                              [--sessions 50] [--size 2048] [--domains 1] [--dlog] [--dkim]
                              [--dkim-on-worker none|ed25519|all]
                              [--before OTHER-SLUICE [--rounds 3]] [--shaping]
+                             [--postfix [--rounds 3]]
 
 Prints the injection rate and the end-to-end rate (until sluice has logged
 every delivery). Durable spool under /var/tmp (not tmpfs). Never fails on
 a number.
+
+--postfix alternates sluice with a private Postfix (tests/support/
+private_postfix.py: its own queue under --spool, as durable) relaying the
+same load to the same smtp-sink, --rounds times each: smtp-source into
+Postfix's smtpd, its qmgr and smtp client to `relayhost =
+[127.0.0.1]:<the sink>` (no DNS lookup, where sluice asks dnsmasq for the
+MX), Postfix's defaults otherwise but for the concurrency to that
+destination, raised from 20 to sluice's 50 here. Its end-to-end time runs
+until its log shows every message sent and its queue is empty. Needs root.
 """
 import argparse
 import os
@@ -26,6 +36,8 @@ sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
 sys.argv_saved = sys.argv
 from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
 from test_delivery import Dns, connectable  # noqa: E402
+sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
+from private_postfix import PrivatePostfix  # noqa: E402
 
 
 def source(port, n, sessions, size, to):
@@ -105,6 +117,9 @@ def main():
                          "times each, and the best of each is compared (with --events: a "
                          "sinks-on run of it after each sinks off/on pair of --sluice)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--postfix", action="store_true",
+                    help="alternate sluice with a private Postfix relaying the same load to the "
+                         "same sink, --rounds times each, and compare (needs root)")
     ap.add_argument("--shaping", action="store_true",
                     help="run with [shaping] off, with 1,000 rules loaded, and with 1,000 "
                          "rules and one action in force (for another destination group, so "
@@ -128,6 +143,11 @@ def main():
         runs = [("before", "dlog"), ("after", "dlog")] * a.rounds  # both with the log on
     elif a.dlog:
         runs = [("log off", ""), ("log on", "dlog")] * 2
+    if a.postfix:
+        why = PrivatePostfix.missing()
+        if why is not None:
+            sys.exit(f"--postfix: {why}")
+        runs = [("sluice", ""), ("postfix", "postfix")] * a.rounds
     if a.shaping:
         runs = [("shaping off", "shaping-off"), ("1,000 rules", "shaping-rules"),
                 ("1,000 rules, 1 action", "shaping-action")] * 2
@@ -160,7 +180,8 @@ def main():
         for label, what in runs:
             b = argparse.Namespace(**vars(a))
             b.sluice = binaries.get(label, a.sluice)
-            results.append((label, relay_run(b, sink_port, what)))
+            run = postfix_run if what == "postfix" else relay_run
+            results.append((label, run(b, sink_port, what)))
     finally:
         if a.events:
             a.receiver.terminate()
@@ -172,11 +193,27 @@ def main():
     print(f"  smtp-source -> smtp-sink (ceiling):      {a.messages / t_ceiling:8.0f} msg/s")
     for label, (t_inject, t_e2e, got, n_expect, cpu) in results:
         tag = f" [{label}]" if label else ""
-        print(f"  smtp-source -> sluice (injection){tag}:       {n_expect / t_inject:8.0f} msg/s")
-        print(f"  smtp-source -> sluice -> smtp-sink (e2e){tag}: {n_expect / t_e2e:8.0f} msg/s "
+        relay = "postfix" if label == "postfix" else "sluice"
+        print(f"  smtp-source -> {relay} (injection){tag}:       {n_expect / t_inject:8.0f} msg/s")
+        print(f"  smtp-source -> {relay} -> smtp-sink (e2e){tag}: {n_expect / t_e2e:8.0f} msg/s "
               f"({100 * (n_expect / t_e2e) / (a.messages / t_ceiling):.0f}% of the ceiling)")
-        print(f"  delivered {got} of {n_expect}; sluice used {cpu:.2f} s of CPU: "
-              f"{1e6 * cpu / max(1, n_expect):.0f} us per message")
+        if cpu is None:
+            print(f"  delivered {got} of {n_expect}")
+        else:
+            print(f"  delivered {got} of {n_expect}; sluice used {cpu:.2f} s of CPU: "
+                  f"{1e6 * cpu / max(1, n_expect):.0f} us per message")
+    if a.postfix:
+        best = {lab: max(r[3] / r[1] for ll, r in results if ll == lab)
+                for lab in ("sluice", "postfix")}
+        rates = {lab: sorted(r[3] / r[1] for ll, r in results if ll == lab)
+                 for lab in ("sluice", "postfix")}
+        ceil = a.messages / t_ceiling
+        print(f"  best e2e of {a.rounds} alternating runs each: sluice {best['sluice']:.0f} msg/s "
+              f"({100 * best['sluice'] / ceil:.0f}% of the ceiling), Postfix "
+              f"{best['postfix']:.0f} msg/s ({100 * best['postfix'] / ceil:.0f}%): sluice/Postfix "
+              f"= {best['sluice'] / best['postfix']:.1f}; medians "
+              f"{rates['sluice'][len(rates['sluice']) // 2]:.0f} and "
+              f"{rates['postfix'][len(rates['postfix']) // 2]:.0f} msg/s")
     if a.before and not a.events:
         best = {lab: max(r[3] / r[1] for ll, r in results if ll == lab)
                 for lab in ("before", "after")}
@@ -371,6 +408,64 @@ def relay_run(a, sink_port, what):
         wd.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     return t_inject, t_e2e, got, n_expect, cpu
+
+
+def postfix_run(a, sink_port, _what):
+    """The same load as relay_run through a private Postfix to the same
+    sink; returns (injection s, end-to-end s, delivered, expected, None).
+    Delivered: its log's status=sent lines once its queue is empty."""
+    domains = [f"d{i}.test" for i in range(a.domains)]
+    s = sink(sink_port)
+    port = free_port()
+    pf = None
+    try:
+        pf = PrivatePostfix(port, "relay.bench.test", f"""mydestination =
+relayhost = [127.0.0.1]:{sink_port}
+smtp_destination_concurrency_limit = 50
+""", parent=a.spool)
+        t0 = time.monotonic()
+        per = a.messages // len(domains)
+        procs = []
+        for i, dom in enumerate(domains[:50]):
+            n = per if i < len(domains) - 1 else a.messages - per * (len(domains) - 1)
+            procs.append(subprocess.Popen(
+                ["smtp-source", "-s", str(max(1, a.sessions // min(50, len(domains)))),
+                 "-m", str(n), "-l", str(a.size), "-f", "bench@example.com", "-t",
+                 f"rcpt@{dom}", f"127.0.0.1:{port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for p in procs:
+            p.wait(3600)
+        t_inject = time.monotonic() - t0
+        n_expect = per * min(50, len(domains)) if len(domains) > 1 else a.messages
+        # the log read from where the last look ended: its status=sent
+        # lines counted, a last line not yet whole left for the next look
+        got, off, tail = 0, 0, b""
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                with open(pf.maillog, "rb") as f:
+                    f.seek(off)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            off += len(chunk)
+            buf = tail + chunk
+            cut = buf.rfind(b"\n") + 1
+            got += buf[:cut].count(b" status=sent ")
+            tail = buf[cut:]
+            if got >= n_expect:
+                break
+            time.sleep(0.05)
+        t_e2e = time.monotonic() - t0
+        left = pf.queued()
+        if left:
+            print(f"  (Postfix: {left} messages still in its queue at the end)")
+    finally:
+        if pf is not None:
+            pf.stop()
+        s.kill()
+        s.wait()
+    return t_inject, t_e2e, got, n_expect, None
 
 
 def proc_cpu_s(pid):
