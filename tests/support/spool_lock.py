@@ -20,6 +20,7 @@ blocked behind it.
 Needs mdb_load on PATH (have_mdb_load(); tools/install-deps --test).
 """
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,11 @@ class SpoolWriteLock:
                 pass
 
 
+# futex(2)'s number as /proc/PID/task/TID/syscall prints it: x86_64's
+# table, else the generic one (aarch64, riscv64)
+FUTEX_NR = "202" if platform.machine() == "x86_64" else "98"
+
+
 def writer_waits_for_lock(pid):
     """Whether the spool's writer thread (sluice-queue) of sluice pid is
     blocked on LMDB's write lock: in futex(2) on an address inside its
@@ -95,6 +101,6 @@ def writer_waits_for_lock(pid):
                 sc = f.read().split()
         except OSError:
             continue
-        if len(sc) > 1 and sc[0] == "202" and any(lo <= int(sc[1], 16) < hi for lo, hi in spans):
+        if len(sc) > 1 and sc[0] == FUTEX_NR and any(lo <= int(sc[1], 16) < hi for lo, hi in spans):
             return True
     return False
