@@ -48,8 +48,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/fs.h"
@@ -921,8 +923,14 @@ suppress_open(const struct suppress_config *cfg, struct suppress **out, char *er
     clock_cond_init_mono(&s->fcv);
     pthread_cond_init(&s->dcv, NULL);
     s->ftail = &s->fhead;
-    int rc = fs_mkdir_p(cfg->path);
-    if (rc < 0) {
+    int rc;
+    if ((s->notes_kick_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "suppress: cannot make an eventfd: %s", strerror(-rc));
+        suppress_close(s);
+        return rc;
+    }
+    if ((rc = fs_mkdir_p(cfg->path)) < 0) {
         snprintf(err, errlen, "suppress: cannot create %s: %s", cfg->path, strerror(-rc));
         suppress_close(s);
         return rc;
@@ -983,6 +991,9 @@ suppress_close(struct suppress *s)
         pthread_mutex_unlock(&s->flock);
         pthread_join(s->thread, NULL);
     }
+    sup_notes_left_free(s);
+    if (s->notes_kick_fd >= 0)
+        close(s->notes_kick_fd);
     while (s->fhead != NULL) {
         struct feed *n = s->fhead->next;
         free(s->fhead);

@@ -197,7 +197,9 @@ void suppress_detach_queue(struct suppress *s);
 /* As suppress_detach_queue, for a spool known to answer nothing (a stop
  * that cut its wait for it): the notes are copied to the list, not
  * trimmed from the spool (no request waits on it; the next start copies
- * them again, event=suppress_notes_untrimmed). */
+ * them again, event=suppress_notes_untrimmed); a trim the list's writer
+ * is waiting for is given up (event=suppress_notes_trim_left: its port
+ * kept to suppress_close). */
 void suppress_detach_queue_stuck(struct suppress *s);
 
 /* Remove the entry of addr in scope (NULL: global). Returns 0, -ENOENT

@@ -26,6 +26,7 @@
 #define NOTES_BATCH    4096  /* spool notes written to the list per transaction */
 #define NOTES_RETRY_MS 5000  /* after a write of notes failed (the list's map full) */
 
+struct trim_wait; /* a pump's trim of the spool's notes (suppress_notes.c) */
 
 struct feed {
     struct feed *next;
@@ -56,8 +57,13 @@ struct suppress {
     pthread_mutex_t plock;      /* one pump at a time; guards queue and note_from */
     struct queue *queue;        /* borrowed: attached until suppress_detach_queue */
     uint64_t note_from;         /* the first note not yet in the list */
-    bool notes_untrimmed;       /* under plock: pumps leave the notes in the spool (a
-                                 * stop's spool that answers nothing) */
+    _Atomic bool notes_untrimmed; /* pumps leave the notes in the spool, and one waiting
+                                   * for its trim gives it up (a stop's spool that
+                                   * answers nothing: notes_trim) */
+    int notes_kick_fd;            /* owned eventfd: wakes a pump waiting for its trim when
+                                   * notes_untrimmed is set; -1: none */
+    struct trim_wait *notes_left; /* owned, under plock: trims given up, their ports
+                                   * freed by suppress_close once answered */
     bool notes_due;             /* guarded by flock: the spool committed notes */
     _Atomic uint64_t notes_retry_ms; /* CLOCK_MONOTONIC ms: a write of notes failed, the
                                       * writer tries again then; 0: none failed */
@@ -116,5 +122,9 @@ struct feed *sup_bounce_entry(const struct suppress *s, const char *tenant, cons
 /* Copy the spool's notes to the list and trim them (engine/suppress_notes.c);
  * force: even before a failed copy's retry time. How many, or -errno. */
 long sup_notes_pump(struct suppress *s, bool force);
+/* The trims the pumps gave up (notes_left) whose ports the spool answered,
+ * freed; the others left to the exit (the spool holds them). After the
+ * spool's close, no pump running. */
+void sup_notes_left_free(struct suppress *s);
 
 #endif

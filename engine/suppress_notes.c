@@ -16,7 +16,12 @@
  * (engine_stop: stage suppress_notes) and given up by its bound. A stop
  * that already knows the spool answers nothing (it cut a wait for it)
  * asks no trim (suppress_detach_queue_stuck): the notes are copied to the
- * list and left in the spool, copied again at the next start.
+ * list and left in the spool, copied again at the next start; a pump
+ * already waiting for a trim (the writer's) gives it up at once
+ * (event=suppress_notes_trim_left), its port kept (s->notes_left) until
+ * suppress_close frees it once answered, else to the exit: it held the
+ * pumps' lock, so the detach, and the writer's join in suppress_close,
+ * waited for that spool all the same.
  *
  * Threading: a note is made on any thread at once (workers, the bounce
  * listener): it reads only the config and takes no lock (one that cannot
@@ -31,10 +36,12 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -137,6 +144,8 @@ note_take(void *arg, uint64_t seq, const void *note, size_t len)
 #define NOTES_TRIM_SLOW_MS 2000u
 
 struct trim_wait {
+    struct trim_wait *next;  /* in s->notes_left, once given up */
+    struct queue_port *port; /* owned */
     int rc;
     bool done;
 };
@@ -149,34 +158,77 @@ trim_done(void *cookie, int rc)
     w->done = true;
 }
 
-/* Trim the spool's notes below upto, waiting for its answer on a port of
- * its own without bound: until the spool answers it holds the port and
- * would call back into this frame, so neither can go before. Returns its
- * code. A thread that may block. */
-static int
-notes_trim(struct queue *q, uint64_t upto)
+static void
+trim_wait_free(struct trim_wait *w)
 {
-    struct queue_port *port = queue_port_new();
-    if (port == NULL)
-        return -errno;
-    struct trim_wait w = {0, false};
-    int rc = queue_notes_trim(q, port, upto, trim_done, &w);
+    queue_port_free(w->port);
+    free(w);
+}
+
+/* Trim the spool's notes below upto, waiting for its answer on a port of
+ * its own: until the spool answers it holds the port and the wait (its
+ * callback's cookie), so neither is freed before. Waited for without
+ * bound, unless a stop's spool answers nothing (s->notes_untrimmed, with
+ * a kick): then given up, both kept in s->notes_left, and -ECANCELED.
+ * Returns the trim's code. A pump (plock held). */
+static int
+notes_trim(struct suppress *s, uint64_t upto)
+{
+    struct trim_wait *w = calloc(1, sizeof(*w));
+    if (w == NULL)
+        return -ENOMEM;
+    if ((w->port = queue_port_new()) == NULL) {
+        int e = errno;
+        free(w);
+        return -e;
+    }
+    int rc = queue_notes_trim(s->queue, w->port, upto, trim_done, w);
     uint64_t t0 = clock_mono_ms();
     bool slow = false;
-    while (rc == 0 && !w.done) {
+    while (rc == 0 && !w->done) {
         uint64_t waited = clock_mono_ms() - t0;
+        if (atomic_load(&s->notes_untrimmed)) {
+            log_msg(LOG_WARN,
+                    "event=suppress_notes_trim_left waited_ms=%llu "
+                    "note=spool_not_answering_copied_again_at_the_next_start",
+                    (unsigned long long)waited);
+            w->next = s->notes_left;
+            s->notes_left = w;
+            return -ECANCELED;
+        }
         if (!slow && waited >= NOTES_TRIM_SLOW_MS) {
             log_msg(LOG_WARN,
                     "event=suppress_notes_trim_slow waited_ms=%llu note=waiting_for_the_spool",
                     (unsigned long long)waited);
             slow = true;
         }
-        queue_port_wait(port, slow ? 1000 : (int)(NOTES_TRIM_SLOW_MS - waited));
+        /* the kick stays readable until the detach ends: notes_untrimmed
+         * is looked at again first */
+        struct pollfd p[2] = {{.fd = queue_port_fd(w->port), .events = POLLIN},
+                              {.fd = s->notes_kick_fd, .events = POLLIN}};
+        if (poll(p, 2, slow ? 1000 : (int)(NOTES_TRIM_SLOW_MS - waited)) > 0 && p[0].revents != 0)
+            queue_port_drain(w->port);
     }
     if (rc == 0)
-        rc = w.rc;
-    queue_port_free(port);
+        rc = w->rc;
+    trim_wait_free(w);
     return rc;
+}
+
+void
+sup_notes_left_free(struct suppress *s)
+{
+    while (s->notes_left != NULL) {
+        struct trim_wait *w = s->notes_left;
+        s->notes_left = w->next;
+        queue_port_drain(w->port);
+        if (queue_port_pending(w->port) == 0) {
+            trim_wait_free(w);
+        } else {
+            log_msg(LOG_WARN, "event=suppress_notes_trim_unanswered note=left_to_the_exit");
+            /* left: the spool may still answer into it */
+        }
+    }
 }
 
 /* Copy the spool's notes to the list, then trim them there. Any thread
@@ -230,12 +282,12 @@ sup_notes_pump(struct suppress *s, bool force)
         total += t.n;
         atomic_fetch_add(&s->feed_dropped, t.damaged); /* trimmed with the others */
         s->note_from = t.last + 1;
-        if (s->notes_untrimmed)
+        if (atomic_load(&s->notes_untrimmed))
             log_msg(LOG_WARN,
                     "event=suppress_notes_untrimmed entries=%u note=spool_not_answering_"
                     "copied_again_at_the_next_start",
                     t.n);
-        else if ((rc = notes_trim(s->queue, s->note_from)) != 0)
+        else if ((rc = notes_trim(s, s->note_from)) != 0 && rc != -ECANCELED)
             /* in the list now; a later trim takes them with its own */
             log_msg(LOG_WARN, "event=suppress_notes_trim_failed err=\"%s\"", queue_strerror(rc));
         if ((unsigned)n < NOTES_BATCH)
@@ -278,14 +330,22 @@ detach(struct suppress *s, bool trim)
     if (s == NULL || s->queue == NULL)
         return;
     queue_notes_set_hook(s->queue, NULL, NULL);
-    pthread_mutex_lock(&s->plock);
-    s->notes_untrimmed = !trim;
-    pthread_mutex_unlock(&s->plock);
+    uint64_t v = 1;
+    if (!trim) {
+        /* before the pumps' lock: a pump waiting for its trim holds it */
+        atomic_store(&s->notes_untrimmed, true);
+        if (write(s->notes_kick_fd, &v, sizeof(v)) < 0)
+            log_msg(LOG_ERR, "event=suppress_notes_kick_failed err=\"%s\"", strerror(errno));
+    }
     sup_notes_pump(s, true);
     pthread_mutex_lock(&s->plock);
     s->queue = NULL;
-    s->notes_untrimmed = false;
     pthread_mutex_unlock(&s->plock);
+    if (!trim) {
+        atomic_store(&s->notes_untrimmed, false);
+        ssize_t rd = read(s->notes_kick_fd, &v, sizeof(v)); /* an attach waits again */
+        (void)rd;
+    }
 }
 
 void

@@ -422,6 +422,70 @@ test_detach_from_a_stuck_spool_asks_no_trim(void **state)
     notes_fixture_close(&f, q, &qc);
 }
 
+static void *
+sync_main(void *arg)
+{
+    suppress_sync(arg);
+    return NULL;
+}
+
+struct detach_run {
+    struct suppress *s;
+    atomic_bool done;
+};
+
+static void *
+detach_stuck_main(void *arg)
+{
+    struct detach_run *d = arg;
+    suppress_detach_queue_stuck(d->s);
+    atomic_store(&d->done, true);
+    return NULL;
+}
+
+/* The stop's detach from a stuck spool asks no trim; but a pump already
+ * waiting for one (the list's writer woken by a commit, here a sync) held
+ * the pumps' lock while it waited without bound, so the detach waited for
+ * the spool all the same, and the stop's close of the list (it joins the
+ * writer) after it. That wait is left to the spool now (the port kept to
+ * the close): the detach and the other pump end at once. */
+static void
+test_detach_from_a_stuck_spool_ends_a_trim_in_flight(void **state)
+{
+    (void)state;
+    struct fix f = {0};
+    struct queue_config qc = {0};
+    char logpath[128];
+    struct queue *q = notes_fixture(&f, &qc, logpath, sizeof(logpath));
+    atomic_store(&spool_held, false);
+    atomic_store(&hold_spool_writes, true); /* the spool answers nothing */
+    pthread_t pump, det;
+    assert_int_equal(pthread_create(&pump, NULL, sync_main, f.s), 0);
+    for (int i = 0; i < 10000 && !atomic_load(&spool_held); i++) /* its trim in flight */
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    bool held = atomic_load(&spool_held);
+    struct detach_run d = {.s = f.s};
+    atomic_init(&d.done, false);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(pthread_create(&det, NULL, detach_stuck_main, &d), 0);
+    for (int i = 0; i < 3000 && !atomic_load(&d.done); i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    bool done = atomic_load(&d.done);
+    atomic_store(&hold_spool_writes, false); /* it answers: whatever waits ends */
+    pthread_join(det, NULL);
+    pthread_join(pump, NULL);
+    long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    assert_true(held);
+    if (!done)
+        fail_msg("the detach from a stuck spool waited %ld ms for a pump's trim", ms);
+    assert_true(ms < 1000);
+    assert_int_equal(suppress_check(f.s, NULL, "gone@x.test", NULL), 1);
+    assert_int_equal(log_count(logpath, "event=suppress_notes_trim_left "), 1);
+    notes_fixture_close(&f, q, &qc);
+}
+
 static void
 test_add_check_remove(void **state)
 {
@@ -1330,6 +1394,7 @@ main(void)
         cmocka_unit_test(test_notes_wait_for_room),
         cmocka_unit_test(test_detach_says_a_slow_notes_trim),
         cmocka_unit_test(test_detach_from_a_stuck_spool_asks_no_trim),
+        cmocka_unit_test(test_detach_from_a_stuck_spool_ends_a_trim_in_flight),
         cmocka_unit_test_setup_teardown(test_reply, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
