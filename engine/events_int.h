@@ -125,7 +125,7 @@ struct events {
                                * caught up (0: none failing) */
     uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
     int wake_fd;           /* eventfd: the spool's hook and the stop wake the pump
-                            * (events_pump_kick), -1 */
+                            * (events_pump_kick); owned, -1: none */
     struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
     unsigned nsinks;
     bool trim_held; /* under mu: a start lists its sinks, or a reload restarts

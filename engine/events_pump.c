@@ -61,7 +61,14 @@ pump_poll(struct events *ev, uint64_t ms)
 {
     struct pollfd p[2] = {{.fd = ev->wake_fd, .events = POLLIN},
                           {.fd = queue_port_fd(ev->port), .events = POLLIN}};
-    if (poll(p, 2, (int)ms) <= 0)
+    int n = poll(p, 2, (int)ms);
+    if (n < 0 && errno != EINTR) {
+        /* not expected (the set is two eventfds): a millisecond's pause,
+         * so that a poll failing at once does not spin the idle loop */
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    if (n <= 0)
         return;
     if (p[0].revents != 0) {
         uint64_t v;
@@ -304,10 +311,7 @@ events_pump_main(void *arg)
              * since it was asked, else that stays in the spool until
              * the next commit; a line put alone's (events_put), whose
              * refusal by the spool commits nothing: its completion
-             * (event=events_lost) waited in the port for the next
-             * commit, or up to a second when the put came after the
-             * pump had looked at the port (and while one was in
-             * flight the pump looked every 20 ms). A trim that failed
+             * (event=events_lost) is told as soon as it comes. A trim that failed
              * is asked again (pump_move) at its retry time: waiting
              * for the next commit left what the journal holds in the
              * spool for as long as no event came. PUMP_IDLE_MS bounds

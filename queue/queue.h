@@ -634,7 +634,7 @@ struct queue_stats {
     uint64_t map_used; /* bytes up to the highest page in use (free pages inside count) */
     uint64_t event_lines;  /* event lines committed with their requests */
     uint64_t events_kept;  /* event records in the spool, not yet trimmed */
-    uint64_t notes_kept;   /* notes in the spool, not yet trimmed (queue_notes_trim_wait) */
+    uint64_t notes_kept;   /* notes in the spool, not yet trimmed (queue_notes_trim) */
     /* After a sync failed: messages answered 451 whose records were then
      * removed (their commit had landed), and enqueues refused while that
      * removal could not be made durable (the spool was failing). */
