@@ -154,7 +154,8 @@ struct engine {
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     atomic_bool stopping;      /* engine_stop began: an operator's command waiting for
                                 * the spool gives up (ops.c flush_wait, bounce_wait),
-                                * and one waiting for a reload (engine_reload_wait) */
+                                * and one waiting for a reload (engine_reload_wait);
+                                * one begun after is not run (ops_command) */
     atomic_bool draining;      /* engine_drain began: the main thread takes no SIGHUP
                                 * from then on, so a command waiting for a reload gives
                                 * up (engine_reload_wait); set under reload_lock */

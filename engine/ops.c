@@ -1732,6 +1732,16 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
     static const struct stats_caller nobody = {.uid = STATS_UID_NONE, .fd = -1};
     if (who == NULL)
         who = &nobody;
+    /* Begun once the stop has begun (engine_stop sets e->stopping, and
+     * its first steps come before ops_stop stops this thread): one queued
+     * behind a command the stop ended, or sent meanwhile. It is not run,
+     * as those this thread never comes to are not (stats_cmd_stop): it
+     * ran, between the stop's start and ops_stop, whenever the one before
+     * it gave up first (a bounce, a flush). */
+    if (atomic_load(&e->stopping)) {
+        snprintf(err, errlen, "%s", STATS_CMD_NOT_RUN);
+        return -1;
+    }
     if (who->fd >= 0 && strcmp(verb, "suppress") != 0) {
         snprintf(err, errlen, "%s: a file descriptor came with it, and it takes none", verb);
         return -1;

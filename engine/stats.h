@@ -45,6 +45,10 @@ struct json;
  * long flush let commands fill the socket's pool, so that even "stats"
  * was refused, and a client that sends and leaves queued without end. */
 #define STATS_CMD_QUEUE_MAX    (STATS_CTL_CLIENTS_MAX - 8)
+/* The answer of an engine command the stop came before: one queued and
+ * never run (stats_cmd_stop), or one begun once the stop had begun
+ * (ops.c ops_command). */
+#define STATS_CMD_NOT_RUN      "sluice is stopping: the command was not run"
 #define STATS_REQUEST_MS       5000  /* accept (or first octet) to a whole request, however
                                         the octets trickle in */
 #define STATS_ANSWER_MS        10000 /* an answer made to its last octet sent */

@@ -108,7 +108,7 @@ cmd_thread(void *arg)
         while (q->todo == NULL && !q->stop)
             pthread_cond_wait(&q->cv, &q->lock);
         if (q->stop)
-            break; /* what is left is freed with the queue: nobody reads it */
+            break; /* what is left is answered by stats_cmd_stop: not run */
         struct stats_cmd_job *j = q->todo;
         q->todo = j->next;
         if (q->todo == NULL)
@@ -191,7 +191,7 @@ stats_cmd_stop(struct stats_cmd *q)
             close(j->who.fd);
         j->who.fd = -1;
         json_reset(&j->out);
-        stats_answer_error(&j->out, "sluice is stopping: the command was not run");
+        stats_answer_error(&j->out, STATS_CMD_NOT_RUN);
         json_raw(&j->out, "\n", 1);
         j->next = q->done;
         q->done = j;
