@@ -193,9 +193,9 @@ enum engine_drain_end {
  * start no new ones, for up to timeout_ms; what is left stays queued.
  * Then call engine_stop(). First it sets e->draining (the caller takes
  * no SIGHUP from then on: engine_reload_draining). Main thread, with the
- * signals of cut (NULL:
- * none) blocked: one of them sent by another process ends the wait at
- * once (one this process sends itself, a failed worker's, does not). */
+ * signals of cut (NULL: none) blocked: one of them sent by another
+ * process ends the wait at once (one this process sends itself, a failed
+ * worker's, does not). */
 enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut);
 /* Stop every worker and wait for them; close the spool; free. Bounded:
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers

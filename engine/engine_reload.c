@@ -8,15 +8,14 @@
  * the changed list; the outcome kept for `sluicectl reload`
  * (engine_reload_done, engine_reload_wait; the drain and the stop end
  * that wait: engine_reload_draining, engine_reload_stopping); and the
- * configs a reload
- * left alive, asked of the workers and freed (engine_config_collect,
- * config_gen.h). The start, the stop and the loads both share (the users
- * file, the TLS contexts) are engine.c's.
+ * configs a reload left alive, asked of the workers and freed
+ * (engine_config_collect, config_gen.h). The start, the stop and the
+ * loads both share (the users file, the TLS contexts) are engine.c's.
  *
  * Threading: engine_reload, engine_reload_done, engine_reload_draining,
- * engine_reload_stopping and engine_config_collect on the main thread; park_on_worker and
- * gens_on_worker on each worker; engine_reload_wait and the config's
- * enter/leave on any thread.
+ * engine_reload_stopping and engine_config_collect on the main thread;
+ * park_on_worker and gens_on_worker on each worker; engine_reload_wait
+ * and the config's enter/leave on any thread.
  */
 #include "engine/engine.h"
 
