@@ -42,6 +42,9 @@
  * for with sigtimedwait), which plays the main thread's part; that the
  * command is in its wait is told by the condition variable's wait itself
  * (pthread_cond_timedwait, wrapped, on e->reload_cv).
+ *
+ * And a command begun once the stop has begun (one queued behind a bounce
+ * or flush the stop ended), which is not run.
  */
 #include <dlfcn.h>
 #include <errno.h>
