@@ -153,7 +153,7 @@ struct engine {
                                   * body_memory_limit (server_msg.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     atomic_bool stopping;      /* engine_stop began: an operator's command waiting for
-                                * the spool gives up (ops.c flush_wait, bounce_wait),
+                                * the spool gives up (ops_queue.c flush_wait, bounce_wait),
                                 * and one waiting for a reload (engine_reload_wait);
                                 * one begun after is not run (ops_command) */
     atomic_bool draining;      /* engine_drain began: the main thread takes no SIGHUP

@@ -3,9 +3,11 @@
  * running engine, see ops.h) share. Not a public header.
  *
  *   engine/ops.c           running a function on every worker (wcall),
- *                          the commands (message, queue, suspend, resume,
- *                          flush, bounce, events, warmup, shaping, tlsrpt,
- *                          reload, sites), the stats_ops table;
+ *                          the commands (suspend, resume, events, warmup,
+ *                          shaping, tlsrpt, reload, sites), the stats_ops
+ *                          table;
+ *   engine/ops_queue.c     the commands on the spool's mail: message,
+ *                          queue, flush, bounce;
  *   engine/ops_views.c     the counters of "stats" and /metrics, and the
  *                          "domains" view (with the spool's deferred
  *                          counts);
@@ -94,6 +96,13 @@ int wcall_rc(struct wcall *c);
 /* Is s a domain an operator may name: 1 to 253 octets of letters,
  * digits, '-', '.' and '_'? */
 bool domain_arg_ok(const char *s);
+
+/* ops_queue.c: "flush [DOMAIN|scope]", "bounce ...", "queue [N]",
+ * "message ID" (sluicectl(1) says what each takes and answers). */
+int cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen);
+int cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size_t errlen);
+int cmd_queue(struct engine *e, const char *args, struct json *out, char *err, size_t errlen);
+int cmd_message(struct engine *e, const char *what, struct json *out, char *err, size_t errlen);
 
 /* ops_suppress.c */
 /* "suppress add|remove|check|list|import|export|purge ...". who: never

@@ -1,5 +1,5 @@
 /*
- * The operator's flush (engine/ops.c cmd_flush): the rests its mail waits
+ * The operator's flush (engine/ops_queue.c cmd_flush): the rests its mail waits
  * on end on the workers (delivery_lift_holds) before any of its deferred
  * recipients comes due in the spool (QUEUE_RETIME). A recipient the due
  * poll took while its destination still rested would be deferred again

@@ -1641,7 +1641,7 @@ tls_relaxed_destination(void **state)
 }
 
 /* A recipient read back from the spool (a due take; the walk of an
- * operator's bounce in engine/ops.c) keeps its message's tls_relaxed: its
+ * operator's bounce in engine/ops_queue.c) keeps its message's tls_relaxed: its
  * job reaches the destination where the report's job waits, which is
  * where bounce_now() looks for it in flight and in the queue (else the
  * recipient was bounced and the waiting job delivered it after). */
