@@ -771,9 +771,10 @@ fail:
 enum engine_drain_end
 engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
 {
-    /* The main thread, which called this, takes no SIGHUP from now on (it
-     * waits for the signals of cut only, then stops): a `sluicectl
-     * reload` waiting for one is told now, not "requested" 8 s later. */
+    /* The main thread, which called this, does no reload from now on (it
+     * waits for the signals of cut, then stops; a SIGHUP is only logged,
+     * below): a `sluicectl reload` waiting for one is told now, not
+     * "requested" 8 s later. */
     engine_reload_draining(e);
     /* From before the workers hear of it: their event=draining lines come
      * after the deadline is set. */
@@ -790,6 +791,17 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
      * (a loaded machine: 32 s for a drain_timeout of 30), and a process
      * stopped meanwhile (SIGSTOP, a VM paused) drained for that long too. */
     /* A failed worker never reports: it holds nothing that can finish. */
+    /* A SIGHUP now is taken here too, only to say that it is not done
+     * (it would otherwise stay pending, unseen, to the exit): a reload
+     * mid-drain would swap the config under a stop, for a process about
+     * to exit. The logs are not reopened either (the delivery log's
+     * reopen is the reload's); the next start opens both afresh. */
+    sigset_t waited;
+    sigemptyset(&waited);
+    if (cut != NULL) {
+        waited = *cut;
+        sigaddset(&waited, SIGHUP);
+    }
     for (;;) {
         if (atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers)
             return ENGINE_DRAIN_DONE;
@@ -806,7 +818,14 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
          * the stop goes on at once, what is in flight stays queued, and
          * the stop's own waits for the spool are not shortened. */
         siginfo_t si;
-        int sig = sigtimedwait(cut, &si, &step);
+        int sig = sigtimedwait(&waited, &si, &step);
+        if (sig == SIGHUP) {
+            log_msg(LOG_WARN,
+                    "event=reload_ignored reason=draining signal=HUP sender_pid=%ld "
+                    "note=the_next_start_reads_the_file",
+                    (long)si.si_pid);
+            continue;
+        }
         if (sig > 0 && si.si_pid != getpid()) {
             uint64_t waited_ms = (clock_now_ns() - (end - MS_TO_NS(timeout_ms))) / 1000000;
             log_msg(LOG_WARN,

@@ -156,7 +156,7 @@ struct engine {
                                 * the spool gives up (ops_queue.c flush_wait, bounce_wait),
                                 * and one waiting for a reload (engine_reload_wait);
                                 * one begun after is not run (ops_command) */
-    atomic_bool draining;      /* engine_drain began: the main thread takes no SIGHUP
+    atomic_bool draining;      /* engine_drain began: the main thread does no reload
                                 * from then on, so a command waiting for a reload gives
                                 * up (engine_reload_wait); set under reload_lock */
     uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
@@ -191,11 +191,13 @@ enum engine_drain_end {
 };
 /* SIGTERM: stop accepting, let outbound transactions in flight finish and
  * start no new ones, for up to timeout_ms; what is left stays queued.
- * Then call engine_stop(). First it sets e->draining (the caller takes
- * no SIGHUP from then on: engine_reload_draining). Main thread, with the
- * signals of cut (NULL: none) blocked: one of them sent by another
- * process ends the wait at once (one this process sends itself, a failed
- * worker's, does not). */
+ * Then call engine_stop(). First it sets e->draining (the caller does
+ * no reload from then on: engine_reload_draining). Main thread, with the
+ * signals of cut (NULL: none) and SIGHUP blocked: one of cut sent by
+ * another process ends the wait at once (one this process sends itself,
+ * a failed worker's, does not); a SIGHUP (cut not NULL) is taken and
+ * logged as not done, event=reload_ignored reason=draining, and the
+ * drain goes on. */
 enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut);
 /* Stop every worker and wait for them; close the spool; free. Bounded:
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers

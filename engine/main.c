@@ -53,13 +53,14 @@ usage(FILE *out)
             "\n"
             "Signals: TERM or INT drains (stops accepting, lets outbound transactions in\n"
             "flight finish for [server] drain_timeout, leaves the rest queued; a second\n"
-            "TERM or INT ends the drain at once) and exits 0; HUP reopens the log and\n"
-            "the delivery log, reloads the users file and the configuration: domain\n"
-            "policies and limits, TLS policies, [tls] (certificate and key read again,\n"
-            "CAs, protocols, ciphers), retries, classification and bounce settings take\n"
-            "effect; what needs a restart (listeners, workers, spool, sockets, Redis\n"
-            "URL, log paths) is logged as kept. A config with errors, or TLS files that\n"
-            "do not load, is refused and the old one kept.\n"
+            "TERM or INT ends the drain at once; a HUP then is logged as not done) and\n"
+            "exits 0; HUP reopens the log and the delivery log, reloads the users file\n"
+            "and the configuration: domain policies and limits, TLS policies, [tls]\n"
+            "(certificate and key read again, CAs, protocols, ciphers), retries,\n"
+            "classification and bounce settings take effect; what needs a restart\n"
+            "(listeners, workers, spool, sockets, Redis URL, log paths) is logged as\n"
+            "kept. A config with errors, or TLS files that do not load, is refused and\n"
+            "the old one kept.\n"
             "\n"
             "Exit status: 0 after a drain (or a check or print that succeeded), 1 when\n"
             "it cannot start or the configuration has errors, 2 on a usage error, 70\n"
@@ -330,8 +331,9 @@ main(int argc, char **argv)
                 "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu reason=%s",
                 sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms,
                 engine_failed_workers(&engine) > 0 ? "worker_failed" : "signal");
-        /* A second TERM or INT ends the drain (engine_drain); HUP waits,
-         * never taken: engine_drain first tells a `sluicectl reload`
+        /* A second TERM or INT ends the drain (engine_drain); a HUP is
+         * logged there as not done (event=reload_ignored), the drain
+         * going on: engine_drain first tells a `sluicectl reload`
          * waiting for one that it will not be done. A SIGHUP raised
          * before this TERM was taken was taken first (sigwaitinfo on
          * Linux gives the lowest-numbered pending signal first, HUP 1

@@ -159,6 +159,49 @@ def test_a_second_sigterm_ends_the_drain():
         assert b"accepted before the stop" in m["body"]
 
 
+def test_a_sighup_during_the_drain_is_logged_not_done():
+    """A SIGHUP during the drain (60 s here, held by a client that does
+    not read its 421) was never taken: the main thread waited for a
+    second TERM or INT only, and the HUP stayed pending, unseen, to the
+    exit: neither done nor logged. Now it is logged as not done
+    (event=reload_ignored reason=draining, with its sender) and the drain
+    goes on as before: no reload, no log reopened, still draining until
+    the second SIGTERM cuts it."""
+    with sluice("drain_timeout = 60s\nmax_junk_commands = 1000000000\n", workers=1) as d:
+        deaf = deaf_client(d)
+        try:
+            d.signal(signal.SIGTERM)
+            d.wait_log("event=shutting_down")  # its 421 cannot leave: the drain waits
+            d.signal(signal.SIGHUP)
+            ignored = d.wait_log("event=reload_ignored", timeout=10)
+            assert d.proc.poll() is None, "the SIGHUP ended the process"
+            ended = [ln for ln in d.log_lines("event=drain_")
+                     if "event=drain_sealed" not in ln]  # sealed: the drain's start
+            assert not ended, ended
+            d.signal(signal.SIGTERM)
+            try:
+                rc = d.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("a SIGTERM after the SIGHUP did not end the drain")
+        finally:
+            deaf.close()
+        d.reader.join(5)
+        assert rc == 0, "\n".join(d.lines[-20:])
+        fields = dict(log_fields(ignored))
+        assert fields.get("reason") == "draining" and fields.get("signal") == "HUP", ignored
+        assert fields.get("sender_pid") == str(os.getpid()), ignored
+        assert "note=the_next_start_reads_the_file" in ignored, ignored
+        # not done: no reload, no reopen (the reload's lines), one line
+        assert not d.log_lines("event=sighup") and not d.log_lines("event=config_reloaded"), \
+            d.lines[-20:]
+        assert d.count_log("event=reload_ignored") == 1
+        # the drain went on to the second SIGTERM, which cut it
+        (cut,) = d.log_lines("event=drain_cut")
+        assert "signal=TERM" in cut, cut
+        assert not d.log_lines("event=drain_timed_out") and not d.log_lines("event=drain_done")
+
+
 if __name__ == "__main__":
     main([test_drain_keeps_a_closing_sessions_earlier_deadline,
-          test_drain_timeout_is_a_time_on_the_clock, test_a_second_sigterm_ends_the_drain])
+          test_drain_timeout_is_a_time_on_the_clock, test_a_second_sigterm_ends_the_drain,
+          test_a_sighup_during_the_drain_is_logged_not_done])
