@@ -67,13 +67,24 @@ may_name_path(const struct stats_caller *who)
     return who->uid == 0 || who->uid == geteuid();
 }
 
+/* An import's stop (suppress_import_csv, between its transactions): the
+ * daemon's stop began. ops_stop waits for this command before any worker
+ * is told to stop; an import of a million lines held it for its whole
+ * length. Not the drain: an import goes on while the workers drain. */
+static bool
+import_stop(void *arg)
+{
+    struct engine *e = arg;
+    return atomic_load(&e->stopping);
+}
+
 /* The file of "suppress import" (wr false) or "export" (wr true), as a
  * descriptor of its own (close-on-exec; the caller closes it): a dup of
  * the one the client passed, or, for root and sluice's own user alone,
  * word opened by sluice (export: created, never over an existing file;
  * one passed must be empty).
- * A regular file only: /dev/zero never ends (the command thread held, and
- * a stop, which waits for an import), a FIFO or socket may never be read
+ * A regular file only: /dev/zero never ends (the command thread held,
+ * and a stop, which waits for an import's read), a FIFO or socket may never be read
  * or drained; a FIFO named is opened without waiting for its writer.
  * -1 with the reason in err. */
 static int
@@ -443,9 +454,25 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
         }
         uint64_t t0 = clock_mono_ms();
         struct suppress_import_result r;
-        rc = suppress_import_csv(sup, f, &r);
+        rc = suppress_import_csv(sup, f, import_stop, e, &r);
         fclose(f);
         uint64_t ms = clock_mono_ms() - t0;
+        if (rc == -ECANCELED) {
+            log_msg(LOG_WARN,
+                    "event=suppress_import by=operator uid=%ld file=%s passed=%s lines=%llu "
+                    "imported=%llu not_imported=%llu skipped=%llu ms=%llu cut=stopping "
+                    "note=run_the_same_import_again_to_complete_it",
+                    who_uid(who), word, who->fd >= 0 ? "yes" : "no", (unsigned long long)r.lines,
+                    (unsigned long long)r.imported, (unsigned long long)r.not_imported,
+                    (unsigned long long)r.skipped, (unsigned long long)ms);
+            snprintf(err, errlen,
+                     "suppress: import of %s cut by sluice's stop after %llu lines read: %llu "
+                     "entries imported (the first in scope and address order), %llu not; run "
+                     "the same import again to complete it",
+                     word, (unsigned long long)r.lines, (unsigned long long)r.imported,
+                     (unsigned long long)r.not_imported);
+            return -1;
+        }
         log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,
                 "event=suppress_import by=operator uid=%ld file=%s passed=%s lines=%llu "
                 "imported=%llu skipped=%llu ms=%llu%s%s",

@@ -6,7 +6,8 @@
  * CSV_RECORD_MAX octets, a longer one is in error), parsed whole into a
  * sorted arena, then written in transactions of
  * IMPORT_BATCH entries (appended when they come after the last key
- * stored); an export is a walk of the list (suppress_list).
+ * stored), the caller's stop asked before each (a stop of the daemon
+ * ends an import there); an export is a walk of the list (suppress_list).
  *
  * Threading: any thread at once (suppress.h); an import's writes take the
  * list's writer mutex, one transaction at a time.
@@ -352,8 +353,12 @@ import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
     return 0;
 }
 
+/* Lines read between two looks at the import's stop. */
+#define IMPORT_STOP_LINES 65536
+
 int
-suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res)
+suppress_import_csv(struct suppress *s, FILE *in, bool (*stop)(void *arg), void *arg,
+                    struct suppress_import_result *res)
 {
     memset(res, 0, sizeof(*res));
     struct arena a = {0};
@@ -367,6 +372,11 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
     bool cut;
     while ((len = csv_getline(&line, &cap, in, &cut)) >= 0) {
         res->lines++;
+        if (stop != NULL && res->lines % IMPORT_STOP_LINES == 0 && stop(arg)) {
+            rc = -ECANCELED; /* nothing written: what was read is not_imported */
+            res->lines--;    /* this line not taken */
+            break;
+        }
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = '\0';
         /* A UTF-8 byte order mark (a spreadsheet's export) is not part of
@@ -459,15 +469,32 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
             rc = 0;
         }
     }
-    if (len == -2)
+    if (len == -2 && rc == 0)
         rc = -ENOMEM;
     free(line);
     free(more);
     if (rc == 0 && ferror(in))
         rc = -EIO;
+    if (rc == -ECANCELED)
+        res->not_imported = a.n;
     if (rc == 0 && a.n > 0) {
         qsort_r(a.off, a.n, sizeof(*a.off), off_cmp, &a);
         for (size_t from = 0; from < a.n && rc == 0;) {
+            if (stop != NULL && stop(arg)) {
+                /* the entries left, duplicates of one key counted once */
+                for (size_t i = from; i < a.n; i++) {
+                    MDB_val k1, v1, k2, v2;
+                    arena_rec(&a, i, &k1, &v1);
+                    if (i + 1 < a.n) {
+                        arena_rec(&a, i + 1, &k2, &v2);
+                        if (key_cmp(&k1, &k2) == 0)
+                            continue;
+                    }
+                    res->not_imported++;
+                }
+                rc = -ECANCELED;
+                break;
+            }
             size_t to = from + IMPORT_BATCH < a.n ? from + IMPORT_BATCH : a.n;
             /* keep equal keys in one batch, so that the later line wins */
             while (to < a.n) {

@@ -229,7 +229,7 @@ main(int argc, char **argv)
     f = fopen(csv, "r");
     struct suppress_import_result r;
     double t0 = now_s();
-    int rc = suppress_import_csv(s, f, &r);
+    int rc = suppress_import_csv(s, f, NULL, NULL, &r);
     double took = now_s() - t0;
     fclose(f);
     if (rc != 0) {

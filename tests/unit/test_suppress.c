@@ -4,7 +4,7 @@
  * domain, global and scope, expiry), remove, normalisation on and off,
  * the bounce hook's policy, feeds from several threads committed by the
  * writer thread, list paging, CSV import and export (quoting, bad lines,
- * duplicates, replacement of stored entries), that entries survive a
+ * duplicates, replacement of stored entries, an import cut by the stop), that entries survive a
  * close and reopen, and that a note the spool holds (a bounce's entry)
  * stays there while the list cannot be written.
  */
@@ -99,7 +99,7 @@ import_csv(struct fix *f, const void *csv, size_t len, struct suppress_import_re
 {
     FILE *in = fmemopen((void *)csv, len, "r");
     assert_non_null(in);
-    assert_int_equal(suppress_import_csv(f->s, in, r), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, r), 0);
     fclose(in);
 }
 
@@ -731,6 +731,81 @@ test_purge_in_batches(void **state)
     assert_int_equal(suppress_check(f->s, NULL, "u24998@p.example", NULL), 1);
     assert_int_equal(suppress_check(f->s, NULL, "u24999@p.example", NULL), 0);
     assert_int_equal(suppress_purge(f->s, now), 0);
+}
+
+/* The stop of test_import_cut_by_the_stop: true once the list holds
+ * anything (the first transaction committed), or always (*arg). */
+struct import_stop {
+    struct suppress *s;
+    bool always;
+    unsigned asked;
+};
+
+static bool
+import_stop_once_written(void *arg)
+{
+    struct import_stop *st = arg;
+    st->asked++;
+    struct suppress_stats ss;
+    suppress_stats(st->s, &ss);
+    return st->always || ss.entries > 0;
+}
+
+/* A stop during an import ends it at the next transaction (250,000
+ * entries): before, nothing looked at the stop and an import of a
+ * million lines held it for the whole file. What was committed stays,
+ * the first entries in key order; the rest is counted, not written;
+ * -ECANCELED. The same import run again completes the list (an entry
+ * replaces one with its key). A stop already there while the file is
+ * read ends the import there, at 65,536 lines, nothing written. */
+static void
+test_import_cut_by_the_stop(void **state)
+{
+    struct fix *f = *state;
+    enum { N = 300000 };
+    size_t cap = (size_t)N * 32, len = 0;
+    char *csv = malloc(cap);
+    assert_non_null(csv);
+    for (unsigned i = 0; i < N; i++) /* written backwards: the sort puts u000000 first */
+        len += (size_t)snprintf(csv + len, cap - len, "u%06u@cut.example,,manual,,,\n",
+                                N - 1 - i);
+    /* a stop there before the read reaches line 65,536 */
+    struct import_stop st = {.s = f->s, .always = true};
+    struct suppress_import_result r;
+    FILE *in = fmemopen(csv, len, "r");
+    assert_non_null(in);
+    assert_int_equal(suppress_import_csv(f->s, in, import_stop_once_written, &st, &r),
+                     -ECANCELED);
+    fclose(in);
+    assert_int_equal(st.asked, 1);
+    assert_int_equal(r.lines, 65535);
+    assert_int_equal(r.imported, 0);
+    assert_int_equal(r.not_imported, 65535);
+    struct suppress_stats ss;
+    suppress_stats(f->s, &ss);
+    assert_int_equal(ss.entries, 0);
+    /* a stop that comes once the first transaction is in */
+    st = (struct import_stop){.s = f->s};
+    in = fmemopen(csv, len, "r");
+    assert_non_null(in);
+    assert_int_equal(suppress_import_csv(f->s, in, import_stop_once_written, &st, &r),
+                     -ECANCELED);
+    fclose(in);
+    assert_int_equal(r.lines, N);
+    assert_int_equal(r.imported, 250000);
+    assert_int_equal(r.not_imported, N - 250000);
+    suppress_stats(f->s, &ss);
+    assert_int_equal(ss.entries, 250000);
+    assert_int_equal(suppress_check(f->s, NULL, "u249999@cut.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "u250000@cut.example", NULL), 0);
+    /* run again, no stop: the rest goes in, the first replaced */
+    import_csv(f, csv, len, &r);
+    free(csv);
+    assert_int_equal(r.imported, N);
+    assert_int_equal(r.not_imported, 0);
+    suppress_stats(f->s, &ss);
+    assert_int_equal(ss.entries, N);
+    assert_int_equal(suppress_check(f->s, NULL, "u299999@cut.example", NULL), 1);
 }
 
 static void
@@ -1373,6 +1448,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_domain_and_scope, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expiry_and_purge, setup, teardown),
         cmocka_unit_test_setup_teardown(test_purge_in_batches, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_import_cut_by_the_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation_off, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bounce_policy, setup, teardown),
