@@ -215,6 +215,22 @@ entry_queue(struct mta_sts *m, struct sts_entry *e)
     return c;
 }
 
+/* How long ago e's last check ended, on now's clock. A wall clock that
+ * stepped back since (now < checked_ms) is as a check that just ended:
+ * its stamp is brought back to now, so that the domain is due again
+ * after its wait counted from the step, not at once (the unsigned
+ * difference wrapped to a huge one) nor only once the clock came back
+ * past the stamp (a clock that had run a day ahead). The sweep keeps
+ * such an entry alike (now <= last). Under m->lock; e checked
+ * (checked_ms != 0). */
+static uint64_t
+checked_ago(struct sts_entry *e, uint64_t now)
+{
+    if (now < e->checked_ms)
+        e->checked_ms = now;
+    return now - e->checked_ms;
+}
+
 enum mta_sts_answer
 mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_policy **out)
 {
@@ -251,7 +267,7 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
     else if (e->again != 0 && !in_force && e->again * no_policy_unit(m) < again)
         again = e->again * no_policy_unit(m); /* never past recheck: a reload may shorten it */
     if (!e->busy &&
-        (e->checked_ms == 0 || now - e->checked_ms >= again ||
+        (e->checked_ms == 0 || checked_ago(e, now) >= again ||
          (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms)))
         wake = entry_queue(m, e) != NULL; /* without memory: again at the next mail */
     if (e->checked_ms == 0)
@@ -605,7 +621,7 @@ refresh_scan(struct mta_sts *m)
         struct sts_entry *e = (struct sts_entry *)n;
         const struct mta_sts_policy *p = e->pol;
         if (e->busy || p == NULL || now >= p->expires_ms || e->used_ms < p->fetched_ms ||
-            !sts_refresh_due(p, now) || now - e->checked_ms < m->sc->recheck)
+            !sts_refresh_due(p, now) || checked_ago(e, now) < m->sc->recheck)
             continue;
         struct sts_check *c = entry_queue(m, e);
         if (c == NULL)

@@ -792,6 +792,58 @@ test_dns_failure_retried_after_error_ttl(void **state)
     store_free(&s);
 }
 
+/* A wall clock that steps back after a check: mta_sts_get computed
+ * now - checked_ms unsigned, which wrapped to a huge time since the
+ * check, and the domain was checked again at once, at every step back
+ * (the sweep already keeps such an entry: now <= last). Now it is as a
+ * check that just ended: not due at the step, and due again after its
+ * wait (error_ttl, 2 s here, after a DNS failure) counted from the
+ * step, not only once the clock is back past the check's stamp (10 s
+ * later here). The store's clock is moved, not waited for. */
+static void
+test_clock_stepped_back_is_just_checked(void **state)
+{
+    (void)state;
+    struct store s;
+    store_new_dns(&s, NULL, "100ms", "error_ttl = 2s\n", NULL);
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    struct mta_sts_stats st;
+    assert_int_equal(mta_sts_get(m, "back.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "back.test", DNS_RETRY, "timeout", NULL, 0, DNS_TTL_UNKNOWN);
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 1);
+    /* 10 s back: mail for it, and for a second no check (queued at the
+     * mail, in flight for the 100 ms of the mute resolver, or counted) */
+    wall_clock_ahead_ms = -10000;
+    assert_int_equal(mta_sts_get(m, "back.test", true, &p), MTA_STS_READY);
+    assert_null(p);
+    uint64_t until = clock_mono_ms() + 1000;
+    do {
+        mta_sts_stats(m, &st);
+        if (st.checks != 1 || st.queued != 0 || st.inflight != 0)
+            fail_msg("checked again at once after the clock stepped back 10 s: checks %llu "
+                     "queued %llu in flight %llu",
+                     (unsigned long long)st.checks, (unsigned long long)st.queued,
+                     (unsigned long long)st.inflight);
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    } while (clock_mono_ms() < until);
+    /* 2.5 s after the step (still 7.5 s before the check's stamp): due */
+    wall_clock_ahead_ms = -10000 + 2500;
+    assert_int_equal(mta_sts_get(m, "back.test", true, &p), MTA_STS_READY);
+    assert_null(p);
+    uint64_t deadline = clock_mono_ms() + 10000;
+    do {
+        assert_true(clock_mono_ms() < deadline);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+        mta_sts_stats(m, &st);
+    } while (st.checks < 2 || st.inflight > 0 || st.queued > 0);
+    assert_int_equal(st.checks, 2);
+    store_free(&s);
+}
+
 /* A domain whose TXT answer said "no policy" for a short time (its TTL,
  * or its SOA's negative TTL) is asked again once that ran out, not only
  * after recheck (an hour): one that starts publishing a policy is seen
@@ -1505,6 +1557,7 @@ main(void)
         cmocka_unit_test(test_sweep_shrinks_table),
         cmocka_unit_test(test_ended_policy_checked_once),
         cmocka_unit_test(test_dns_failure_retried_after_error_ttl),
+        cmocka_unit_test(test_clock_stepped_back_is_just_checked),
         cmocka_unit_test(test_many_dns_sockets_watched),
         cmocka_unit_test(test_fetch_leaves_nothing_in_curl),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
