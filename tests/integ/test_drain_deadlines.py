@@ -15,19 +15,13 @@ event, tests/client/test_smtp_client.c, so nothing is armed again.)
 
 Each test starts its own sluice (test_hostile_client.sluice: own spool and
 ports, delivery off) and stops it."""
-import datetime
 import os
 import signal
 import subprocess
 import time
 
-from harness import Smtp, log_fields, main, spool_messages
+from harness import Smtp, log_fields, log_time, main, spool_messages
 from test_hostile_client import deaf_client, envelope, held_message, sluice
-
-
-def stamp(line):
-    """The log line's time (its first word, RFC 3339 UTC with ms)."""
-    return datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def test_drain_keeps_a_closing_sessions_earlier_deadline():
@@ -60,7 +54,7 @@ def test_drain_keeps_a_closing_sessions_earlier_deadline():
         assert rc == 0, "\n".join(d.lines[-20:])
         closed = d.log_lines(f"session={sid} event=disconnect")
         assert len(closed) == 1, d.lines[-20:]
-        held = (stamp(closed[0]) - stamp(timed_out)).total_seconds()
+        held = log_time(closed[0]) - log_time(timed_out)
         print(f"     closed {held:.2f}s after its timeout (timeout_command {command_s}s, "
               f"the stop {aged_s}s after the timeout); sluice gone {took:.2f}s after SIGTERM")
         # Its own deadline: timeout_command after the timeout. The drain's
@@ -71,7 +65,7 @@ def test_drain_keeps_a_closing_sessions_earlier_deadline():
         assert d.count_log("event=drain_done") == 1, d.log_lines("event=drain_")
         # the stop came while it was closing (not after it had gone)
         (stopping,) = d.log_lines("event=stopping")
-        assert stamp(stopping) < stamp(closed[0]), (stopping, closed[0])
+        assert log_time(stopping) < log_time(closed[0]), (stopping, closed[0])
 
 
 def test_drain_timeout_is_a_time_on_the_clock():
@@ -94,25 +88,25 @@ def test_drain_timeout_is_a_time_on_the_clock():
             d.signal(signal.SIGTERM)
             stopping = d.wait_log("event=stopping")
             draining = d.wait_log("event=draining")  # the drain's deadline is set
-            paused = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+            paused = time.time()  # UTC seconds since the epoch, as log_time
             d.signal(signal.SIGSTOP)
             # the pause under test (not a wait for anything to happen)
             time.sleep(paused_s)
-            resumed = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+            resumed = time.time()
             d.signal(signal.SIGCONT)
             timed_out = d.wait_log("event=drain_timed_out", timeout=30)
         finally:
             d.signal(signal.SIGCONT)
             pending.close()
-        took = (stamp(timed_out) - stamp(stopping)).total_seconds()
-        after = (stamp(timed_out) - resumed).total_seconds()
+        took = log_time(timed_out) - log_time(stopping)
+        after = log_time(timed_out) - resumed
         print(f"     drain ended {took:.2f}s after the stop, {after:.2f}s after the resume "
               f"(drain_timeout {drain_s}s, stopped for {paused_s}s)")
         # The fault drains for what was left of drain_timeout at the pause
         # (drain_s - prepause) after the resume; the fix ends it at once.
         # Half of what was left tells them apart, if the test's look at
         # the log before the pause left enough.
-        prepause = (paused - stamp(draining)).total_seconds()
+        prepause = paused - log_time(draining)
         left = drain_s - prepause
         if left < 0.6:
             print(f"     not conclusive: {prepause:.2f}s of drain_timeout had gone at the pause")

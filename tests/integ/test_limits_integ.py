@@ -11,7 +11,6 @@ and is picked up again once back, the connection caps holding again
 by a reload holds across nodes within a lease refresh; a node killed while holding connection
 leases gives them up after lease_ttl; suspend and resume through the stats
 socket stop and restart a domain within a second."""
-import datetime
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 
-from harness import Redis, Sluice, Workdir, free_port, main, skip, wait_until
+from harness import Redis, Sluice, Workdir, free_port, log_time, main, skip, wait_until
 import test_delivery
 from test_delivery import Dns, Sink, records_for
 from test_outcomes import events
@@ -320,13 +319,9 @@ class Cluster:
 
 # ---- reading the outcome ----
 
-def parse_time(t):
-    dt = datetime.datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ")
-    return dt.replace(tzinfo=datetime.timezone.utc).timestamp()
-
-
 def delivery_times(path):
-    """Wall-clock times (s) of the "delivery" events to DOMAIN so far. Read
+    """Wall-clock times (s) of the "delivery" events to DOMAIN so far (their
+    "time", the daemon log's UTC stamp: harness.log_time reads it). Read
     while sluice writes: a last line without its newline is not yet whole
     and is left for the next read."""
     if not os.path.exists(path):
@@ -337,7 +332,7 @@ def delivery_times(path):
     for raw in data.split(b"\n")[:-1]:
         ev = json.loads(raw)
         if ev["event"] == "delivery" and ev["domain"] == DOMAIN:
-            out.append(parse_time(ev["time"]))
+            out.append(log_time(ev["time"]))
     return sorted(out)
 
 
@@ -940,7 +935,7 @@ def shared_limit(doms, records, conf, what):
                 return []
             with open(node.dlog, "rb") as f:
                 evs = [json.loads(ln) for ln in f.read().split(b"\n")[:-1]]
-            return sorted(parse_time(e["time"]) for e in evs if e["event"] == "delivery")
+            return sorted(log_time(e["time"]) for e in evs if e["event"] == "delivery")
         wait_until(lambda: len(times()) >= n, 60, f"{n} deliveries")
         peak_conns = sampler.stop()
         check_rate(times(), mx.times(), 30, 30 + 2 + 2, what)
