@@ -1161,17 +1161,29 @@ def test_tls_handshake_on_the_plaintext_port():
 # ---------------------------------------------------------------- slow clients
 
 
-def logged_timeouts(d):
+def logged_timeouts(d, but=()):
     """The sessions sluice timed out, from its log: [(state, seconds from
     the session's event=connect to its event=timeout, on the log's own
-    stamps)], in the order of the timeouts."""
+    stamps)], in the order of the timeouts; the sessions of but left
+    out."""
     connected, out = {}, []
     for line in d.log_lines(" event="):
         f = dict(log_fields(line))
+        if f.get("session") in but:
+            continue
         if f.get("event") == "connect":
             connected[f["session"]] = log_time(line)
         elif f.get("event") == "timeout" and f["session"] in connected:
             out.append((f["state"], log_time(line) - connected[f["session"]]))
+    return out
+
+
+def logged_session(d, sid):
+    """{event: the log's time of the session's first line of that event}
+    (connect, timeout, disconnect: harness.log_time)."""
+    out = {}
+    for line in d.log_lines(f"session={sid} event="):
+        out.setdefault(dict(log_fields(line))["event"], log_time(line))
     return out
 
 
@@ -1183,8 +1195,18 @@ def test_timeouts_silent_trickle_and_data():
     at most 2.75 s past the start of the timed command (the client's own
     time from its connect to that command's reply, for data and auth,
     stands for that start); the client's clock is only a backstop, loose
-    enough for five client threads on a loaded machine."""
-    with sluice(server="timeout_command = 2s\ntimeout_data = 2s\nplaintext_auth = loopback\n",
+    enough for five client threads on a loaded machine.
+
+    The deaf client's end is sluice's too: its command times out once
+    its replies back up (2 s after the last command sluice read), then
+    its 421, which cannot leave, has timeout_command (2 s) before the
+    close; connect to disconnect about 4 s. Its pipelined NOOPs are no
+    junk here (max_junk_commands): at 101 of them sluice closed it within
+    ms, and the bound of 10 s on the client's clock, meant for that wait,
+    held whatever sluice did with a client that does not read."""
+    command_s = 2
+    with sluice(server=f"timeout_command = {command_s}s\ntimeout_data = 2s\n"
+                "plaintext_auth = loopback\nmax_junk_commands = 1000000000\n",
                 users=[("alice", PASSWORD, None)]) as r:
         results = {}
 
@@ -1279,7 +1301,7 @@ def test_timeouts_silent_trickle_and_data():
         if "deaf" not in results or results["deaf"][0] != "closed":
             problems.append(f"deaf: a client that never reads was not disconnected: "
                             f"{results.get('deaf')}")
-        elif results["deaf"][1] > 10:
+        elif results["deaf"][1] > 20:  # the backstop: the bound is on sluice's times below
             problems.append(f"deaf: disconnected after {results['deaf'][1]:.1f}s")
         for name in ("silent", "trickle", "data", "auth"):
             if name not in results:
@@ -1293,10 +1315,32 @@ def test_timeouts_silent_trickle_and_data():
             elif not closed:
                 problems.append(f"{name}: not closed after 421")
         assert not problems, "\n".join(problems)
+        # the deaf one: the session that read NOOPs (no other sends one whole)
+        (deaf_line,) = [ln for ln in r.d.log_lines("event=disconnect") if " noop=" in ln]
+        deaf_sid = dict(log_fields(deaf_line))["session"]
+        deaf = logged_session(r.d, deaf_sid)
+        assert {"connect", "timeout", "disconnect"} <= deaf.keys(), (deaf, deaf_line)
+        timed_out = deaf["timeout"] - deaf["connect"]
+        closing = deaf["disconnect"] - deaf["timeout"]
+        print(f"     deaf: timed out {timed_out:.3f}s after its connect, closed "
+              f"{closing:.3f}s after that ({deaf['disconnect'] - deaf['connect']:.3f}s in all; "
+              f"{results['deaf'][1]:.2f}s on the client's clock)")
+        # Its 421 has timeout_command to leave (1.9: the worker's time at
+        # the start of its loop turn; a 1.375-fold wait fails). Its
+        # command's timeout counts from the last command sluice read:
+        # NOOPs are read until the replies fill its socket's send buffer
+        # (about 3 MB of them on loopback: 0.05 s, 0.6 s under ASan),
+        # allowed 1.5 s.
+        if not command_s - 0.1 <= closing <= command_s * 1.375:
+            problems.append(f"deaf: closed {closing:.3f}s after its timeout, not within "
+                            f"{command_s - 0.1}..{command_s * 1.375}s (timeout_command)")
+        if not command_s - 0.1 <= timed_out <= command_s * 1.375 + 1.5:
+            problems.append(f"deaf: timed out {timed_out:.3f}s after its connect, not within "
+                            f"{command_s - 0.1}..{command_s * 1.375 + 1.5}s "
+                            "(timeout_command, and the NOOPs read before the replies backed up)")
         # silent and trickle in state command (their deadline runs from the
-        # greeting), data in data, auth in auth; deaf times out sending, not
-        # here
-        logged = logged_timeouts(r.d)
+        # greeting), data in data, auth in auth; deaf's above
+        logged = logged_timeouts(r.d, but=(deaf_sid,))
         states = {"silent": "command", "trickle": "command", "data": "data", "auth": "auth"}
         assert sorted(st for st, _ in logged) == sorted(states.values()), logged
         for st, took in logged:
