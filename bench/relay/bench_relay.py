@@ -318,6 +318,25 @@ def sinks_pending(sock):
     return sum(x["pending"] for x in json.loads(buf.split(b"\n", 1)[0])["sinks"])
 
 
+def inject(a, port, domains):
+    """a.messages over a.sessions into 127.0.0.1:port, to rcpt@ each of
+    domains (at most 50 of them); returns the messages expected. smtp-source
+    has one recipient address, so with several domains several runs of it
+    share the messages."""
+    per = a.messages // len(domains)
+    procs = []
+    for i, dom in enumerate(domains[:50]):
+        n = per if i < len(domains) - 1 else a.messages - per * (len(domains) - 1)
+        procs.append(subprocess.Popen(
+            ["smtp-source", "-s", str(max(1, a.sessions // min(50, len(domains)))),
+             "-m", str(n), "-l", str(a.size), "-f", "bench@example.com", "-t",
+             f"rcpt@{dom}", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for p in procs:
+        p.wait(3600)
+    return per * min(50, len(domains)) if len(domains) > 1 else a.messages
+
+
 def relay_run(a, sink_port, what):
     """One sluice between smtp-source and smtp-sink; returns (injection s,
     end-to-end s, delivered, expected)."""
@@ -352,21 +371,8 @@ def relay_run(a, sink_port, what):
         if what == "shaping-action":
             stats_cmd(f"{work}/stats.sock", "shaping suspend group=yahoo for=1h")
         t0 = time.monotonic()
-        # smtp-source has one recipient address; with several domains,
-        # several runs share the messages
-        per = a.messages // len(domains)
-        procs = []
-        for i, dom in enumerate(domains[:50]):
-            n = per if i < len(domains) - 1 else a.messages - per * (len(domains) - 1)
-            procs.append(subprocess.Popen(
-                ["smtp-source", "-s", str(max(1, a.sessions // min(50, len(domains)))),
-                 "-m", str(n), "-l", str(a.size), "-f", "bench@example.com", "-t",
-                 f"rcpt@{dom}", f"127.0.0.1:{port}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for p in procs:
-            p.wait(3600)
+        n_expect = inject(a, port, domains)
         t_inject = time.monotonic() - t0
-        n_expect = per * min(50, len(domains)) if len(domains) > 1 else a.messages
         deadline = time.monotonic() + 600
         got = 0
         while time.monotonic() < deadline:
@@ -424,19 +430,8 @@ relayhost = [127.0.0.1]:{sink_port}
 smtp_destination_concurrency_limit = 50
 """, parent=a.spool)
         t0 = time.monotonic()
-        per = a.messages // len(domains)
-        procs = []
-        for i, dom in enumerate(domains[:50]):
-            n = per if i < len(domains) - 1 else a.messages - per * (len(domains) - 1)
-            procs.append(subprocess.Popen(
-                ["smtp-source", "-s", str(max(1, a.sessions // min(50, len(domains)))),
-                 "-m", str(n), "-l", str(a.size), "-f", "bench@example.com", "-t",
-                 f"rcpt@{dom}", f"127.0.0.1:{port}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for p in procs:
-            p.wait(3600)
+        n_expect = inject(a, port, domains)
         t_inject = time.monotonic() - t0
-        n_expect = per * min(50, len(domains)) if len(domains) > 1 else a.messages
         # the log read from where the last look ended: its status=sent
         # lines counted, a last line not yet whole left for the next look
         got, off, tail = 0, 0, b""
