@@ -998,6 +998,24 @@ test_hook_trim_retry_ms(void)
     return PUMP_RETRY_MS;
 }
 
+/* SLUICE_TEST_EVENTS_GATHER_MS=MS: the pump's gather of commits before an
+ * append, instead of PUMP_GATHER_MS (a test makes it long enough that
+ * its commits surely fall in one). Test-hook builds only. */
+static unsigned
+test_hook_gather_ms(void)
+{
+#ifdef SLUICE_TEST_HOOKS
+    const char *v = getenv("SLUICE_TEST_EVENTS_GATHER_MS");
+    char *end;
+    unsigned long n = v != NULL && *v != '\0' ? strtoul(v, &end, 10) : 0;
+    if (n > 0 && n <= 10000 && *end == '\0') {
+        log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_EVENTS_GATHER_MS ms=%lu", n);
+        return (unsigned)n;
+    }
+#endif
+    return PUMP_GATHER_MS;
+}
+
 /* The journal's segment size for these sinks: an eighth of the smallest
  * max_backlog, 64 KB to 64 MB. A backlog is cut a whole segment at a
  * time (the oldest ones): with segments larger than the cap, the last
@@ -1072,6 +1090,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
      * sink's cursor into account, deleting every segment but the last. */
     ev->trim_held = true;
     ev->trim_retry_ms = test_hook_trim_retry_ms();
+    ev->gather_ms = test_hook_gather_ms();
     if ((rc = pthread_create(&ev->pump, NULL, events_pump_main, ev)) != 0) {
         snprintf(err, errlen, "events: cannot start the pump thread: %s", strerror(rc));
         rc = -rc;

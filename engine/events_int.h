@@ -147,6 +147,8 @@ struct events {
     unsigned trim_backoff_ms; /* the wait after the last failure in a row (pump_trim_failed) */
     unsigned trim_retry_ms;   /* the first of those waits: PUMP_RETRY_MS (set before the
                                * pump starts; a test's hook shortens it) */
+    unsigned gather_ms;       /* the gather of commits before an append: PUMP_GATHER_MS
+                               * (set before the pump starts; a test's hook changes it) */
     uint64_t trim_to; /* the number the spool was (or is being) trimmed up to */
 };
 

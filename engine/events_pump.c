@@ -329,8 +329,13 @@ events_pump_main(void *arg)
                 pthread_mutex_lock(&ev->mu);
             }
             seen = ev->committed;
-            if (!ev->stop)
-                events_wait_until(ev, events_mono_ms() + PUMP_GATHER_MS);
+            /* the gather: the cond is broadcast on every commit (and at
+             * the stop), so its whole time is waited for in a loop (one
+             * timed wait ended at the next commit, and an append carried
+             * two commits, not PUMP_GATHER_MS of them) */
+            uint64_t gather_end = events_mono_ms() + ev->gather_ms;
+            while (!ev->stop && events_mono_ms() < gather_end)
+                events_wait_until(ev, gather_end);
         }
         stop = ev->stop;
         pthread_mutex_unlock(&ev->mu);

@@ -1088,6 +1088,51 @@ test_refused_put_is_told_at_once(void **state)
         fail_msg("a refused put waited %llu ms in the pump's port", (unsigned long long)worst);
 }
 
+/* After a commit the pump gathers commits for a while (PUMP_GATHER_MS)
+ * so that one append, one fsync of the journal, carries several. The
+ * spool's hook broadcasts the condition the gather waits on at every
+ * commit, and its one timed wait ended at the next commit: an append
+ * carried two commits at most. With the gather at a second (the test
+ * hook), three commits made 50 ms apart within it go in one append (two
+ * before). */
+static void
+test_gather_takes_its_whole_time(void **state)
+{
+    (void)state;
+    setenv("SLUICE_TEST_EVENTS_GATHER_MS", "1000", 1);
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    put_rounds(0, 1, 20);
+    for (int i = 0; i < 10000 && spool_records() > 0; i++) /* the pump's trim: it is idle */
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    pthread_mutex_lock(&ev->mu);
+    uint64_t before = ev->appends;
+    pthread_mutex_unlock(&ev->mu);
+    uint64_t t0 = mono_ms();
+    for (unsigned i = 0; i < 3; i++) {
+        if (i > 0) /* spaced out: each after the pump has seen the one before */
+            nanosleep(&(struct timespec){0, 50000000}, NULL);
+        put_lines(20 + i, 1); /* a commit each, waited for */
+    }
+    uint64_t took = mono_ms() - t0;
+    wait_written(23);
+    pthread_mutex_lock(&ev->mu);
+    uint64_t appends = ev->appends - before;
+    pthread_mutex_unlock(&ev->mu);
+    events_free(ev);
+    sink_cfg_fini(&c);
+    unsetenv("SLUICE_TEST_EVENTS_GATHER_MS");
+    if (took >= 800) {
+        /* the three commits did not fall within one gather: nothing to
+         * conclude (a machine far slower than any seen) */
+        print_message("three commits took %llu ms: not conclusive\n", (unsigned long long)took);
+        return;
+    }
+    if (appends != 1)
+        fail_msg("three commits in %llu ms went in %llu appends, not in one gather's",
+                 (unsigned long long)took, (unsigned long long)appends);
+}
+
 /* A listening socket on loopback that answers nothing: a Redis that hung. */
 static int
 listen_local(int *port_out)
@@ -2430,6 +2475,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_trim_backoff_doubles_to_its_cap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_line_put_alone_refused_is_told, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refused_put_is_told_at_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gather_takes_its_whole_time, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
     };
