@@ -47,8 +47,8 @@
  * cursor, where a restart after a crash resumes, and deletes under it,
  * so a reload that takes a sink out to restart it holds the trims until
  * it is back, and a start until its sinks are listed); ev->cond wakes the sink threads
- * (appends, pause, stop) and ends the pump's gather of commits; the idle
- * pump itself waits on ev->wake_fd and its port (events_pump.c). A sink's
+ * (appends, pause, stop) and the pump's gather of commits (stop); the
+ * idle pump waits on ev->wake_fd and its port (events_pump.c). A sink's
  * clients and buffers belong to its thread alone.
  */
 #include "engine/events.h"

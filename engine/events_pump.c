@@ -31,14 +31,16 @@
 
 /* ---- the pump: spool records to the journal ---- */
 
-/* The spool's hook, on its committer thread: more lines are durable. */
+/* The spool's hook, on its committer thread: more lines are durable.
+ * The idle pump is woken through its eventfd; ev->cond is not broadcast
+ * (a gather under way waits its whole time, and the sinks wait for
+ * appends, not commits: each of them woke at every commit). */
 void
 events_pump_wake(void *arg)
 {
     struct events *ev = arg;
     pthread_mutex_lock(&ev->mu);
     ev->committed++;
-    pthread_cond_broadcast(&ev->cond); /* a gather under way (events_pump_main) */
     pthread_mutex_unlock(&ev->mu);
     events_pump_kick(ev);
 }
@@ -329,10 +331,10 @@ events_pump_main(void *arg)
                 pthread_mutex_lock(&ev->mu);
             }
             seen = ev->committed;
-            /* the gather: the cond is broadcast on every commit (and at
-             * the stop), so its whole time is waited for in a loop (one
-             * timed wait ended at the next commit, and an append carried
-             * two commits, not PUMP_GATHER_MS of them) */
+            /* the gather, its whole time (the cond is broadcast at the
+             * stop, and by the spool's hook at every commit it once was:
+             * one timed wait ended at the next commit, and an append
+             * carried two commits, not PUMP_GATHER_MS of them) */
             uint64_t gather_end = events_mono_ms() + ev->gather_ms;
             while (!ev->stop && events_mono_ms() < gather_end)
                 events_wait_until(ev, gather_end);
