@@ -353,7 +353,8 @@ import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
     return 0;
 }
 
-/* Lines read between two looks at the import's stop. */
+/* Lines read between two looks at the import's stop (a record over
+ * several lines may carry the next look a few lines on). */
 #define IMPORT_STOP_LINES 65536
 
 int
@@ -370,12 +371,20 @@ suppress_import_csv(struct suppress *s, FILE *in, bool (*stop)(void *arg), void 
     char *more = NULL;
     size_t more_cap = 0;
     bool cut;
+    /* The next look at the stop: at the first record that starts at or
+     * past this line. Not lines % IMPORT_STOP_LINES == 0 there: the lines
+     * of a record over several go by in the loop of its own below, and
+     * records of two lines each never started at an even line. */
+    uint64_t look_at = IMPORT_STOP_LINES;
     while ((len = csv_getline(&line, &cap, in, &cut)) >= 0) {
         res->lines++;
-        if (stop != NULL && res->lines % IMPORT_STOP_LINES == 0 && stop(arg)) {
-            rc = -ECANCELED; /* nothing written: what was read is not_imported */
-            res->lines--;    /* this line not taken */
-            break;
+        if (stop != NULL && res->lines >= look_at) {
+            look_at = res->lines + IMPORT_STOP_LINES;
+            if (stop(arg)) {
+                rc = -ECANCELED; /* nothing written: what was read is not_imported */
+                res->lines--;    /* this line not taken */
+                break;
+            }
         }
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = '\0';

@@ -808,6 +808,41 @@ test_import_cut_by_the_stop(void **state)
     assert_int_equal(suppress_check(f->s, NULL, "u299999@cut.example", NULL), 1);
 }
 
+/* The stop looked at while the file is read, whatever the records' lines:
+ * it was asked at a line number that is a multiple of 65,536 only, and a
+ * record's first line alone is there, so that in a file of records of two
+ * lines each (a note with a line break), which start at odd lines, it was
+ * never asked before the whole file was read. */
+static void
+test_import_of_two_line_records_cut_while_read(void **state)
+{
+    struct fix *f = *state;
+    enum { N = 100000 };
+    size_t cap = (size_t)N * 64, len = 0;
+    char *csv = malloc(cap);
+    assert_non_null(csv);
+    for (unsigned i = 0; i < N; i++)
+        len += (size_t)snprintf(csv + len, cap - len,
+                                "u%06u@two.example,,manual,,,\"line one\nline two\"\n", i);
+    struct import_stop st = {.s = f->s, .always = true};
+    struct suppress_import_result r;
+    FILE *in = fmemopen(csv, len, "r");
+    assert_non_null(in);
+    assert_int_equal(suppress_import_csv(f->s, in, import_stop_once_written, &st, &r),
+                     -ECANCELED);
+    fclose(in);
+    free(csv);
+    assert_int_equal(st.asked, 1);
+    /* asked at line 65,537, the first of record 32,769: not taken */
+    assert_int_equal(r.lines, 65536);
+    assert_int_equal(r.imported, 0);
+    assert_int_equal(r.not_imported, 32768);
+    assert_int_equal(r.skipped, 0);
+    struct suppress_stats ss;
+    suppress_stats(f->s, &ss);
+    assert_int_equal(ss.entries, 0);
+}
+
 static void
 test_normalisation(void **state)
 {
@@ -1449,6 +1484,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_expiry_and_purge, setup, teardown),
         cmocka_unit_test_setup_teardown(test_purge_in_batches, setup, teardown),
         cmocka_unit_test_setup_teardown(test_import_cut_by_the_stop, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_import_of_two_line_records_cut_while_read, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation_off, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bounce_policy, setup, teardown),
