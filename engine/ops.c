@@ -36,7 +36,6 @@
 #include <unistd.h>
 
 #include "common/clock.h"
-#include "common/idn.h"
 #include "common/conf.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -45,7 +44,6 @@
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
-#include "engine/dsn.h"
 #include "engine/events.h"
 #include "engine/engine.h"
 #include "engine/mta_sts.h"
