@@ -2,9 +2,10 @@
  * ops_queue: the stats socket's commands on the mail in the spool (see
  * ops_int.h): "message" and "queue" read it; "flush" retimes deferred
  * recipients to now (and lifts the holds on their destinations, on the
- * workers); "bounce" hands recipients to the workers that own their
- * destinations, which bounce them as any outcome, and waits until the
- * spool shows them done, or the stop begins (e->stopping).
+ * workers), waiting for the spool's answers; "bounce" hands recipients
+ * to the workers that own their destinations, which bounce them as any
+ * outcome, and waits until the spool shows them done. Both waits end
+ * when the stop begins (e->stopping), with an answer that says so.
  *
  * Threading: the stats command thread (one command at a time); the
  * *_on_worker functions on each worker. The spool is read directly (its
