@@ -988,7 +988,10 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
          * main thread took the TERM runs first (main.c: sigwaitinfo on
          * Linux gives the lowest-numbered pending signal first). */
         uint64_t gen = engine_reload_gen(e);
-        kill(getpid(), SIGHUP);
+        /* once draining, the main thread would log the HUP as ignored,
+         * with sluice's own pid as its sender: the wait answers alone */
+        if (!atomic_load(&e->draining))
+            kill(getpid(), SIGHUP);
         struct engine_reload_outcome *o = calloc(1, sizeof(*o));
         if (o == NULL) {
             snprintf(err, errlen, "out of memory");
