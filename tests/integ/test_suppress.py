@@ -1141,8 +1141,12 @@ def test_stop_ends_an_import_at_its_next_transaction():
                              text=True)
         try:
             # the first transaction in: the import is writing
-            wait_until(lambda: ctl_ok(r, "stats")["suppress"]["entries"] > 0, 120,
-                       "the import's first transaction")
+            seen = [0]
+
+            def writing():
+                seen[0] = ctl_ok(r, "stats")["suppress"]["entries"]
+                return seen[0] > 0
+            wait_until(writing, 120, "the import's first transaction")
             t0 = time.monotonic()
             r.d.signal(signal.SIGTERM)
             out, err = p.communicate(timeout=60)
@@ -1156,10 +1160,12 @@ def test_stop_ends_an_import_at_its_next_transaction():
         assert rc == 0, "\n".join(r.d.lines[-20:])
         (logged,) = r.d.log_lines("event=suppress_import")
         print(f"     sluicectl: {err.strip()}; sluice gone {took:.2f}s after SIGTERM")
-        if r.d.lines.index(logged) < r.d.lines.index(r.d.log_lines("event=stopping")[0]):
-            # the import ended before the stop began (a machine so loaded
-            # that the look at the stats came at its last transaction)
-            print("     not conclusive: the import ended before the stop")
+        if "cut=stopping" not in logged and n - seen[0] <= 2 * batch:
+            # the import ended uncut, but it had at most two transactions
+            # left when the SIGTERM went (a machine so loaded that the
+            # look at the stats came that late): the drain and a
+            # transaction under way may take that long
+            print(f"     not conclusive: {seen[0]} of {n} in at the SIGTERM")
             return
         assert p.returncode == 1 and "cut by sluice's stop" in err, (p.returncode, out, err)
         assert "cut=stopping" in logged, logged
