@@ -1090,7 +1090,7 @@ test_refused_put_is_told_at_once(void **state)
 
 /* After a commit the pump gathers commits for a while (PUMP_GATHER_MS)
  * so that one append, one fsync of the journal, carries several. The
- * spool's hook broadcasts the condition the gather waits on at every
+ * spool's hook broadcast the condition the gather waits on at every
  * commit, and its one timed wait ended at the next commit: an append
  * carried two commits at most. With the gather at a second (the test
  * hook), three commits made 50 ms apart within it go in one append (two
@@ -1102,6 +1102,7 @@ test_gather_takes_its_whole_time(void **state)
     setenv("SLUICE_TEST_EVENTS_GATHER_MS", "1000", 1);
     struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
     struct events *ev = start(&c, 1);
+    unsetenv("SLUICE_TEST_EVENTS_GATHER_MS"); /* read by the start: no later test's */
     put_rounds(0, 1, 20);
     for (int i = 0; i < 10000 && spool_records() > 0; i++) /* the pump's trim: it is idle */
         nanosleep(&(struct timespec){0, 1000000}, NULL);
@@ -1115,13 +1116,17 @@ test_gather_takes_its_whole_time(void **state)
         put_lines(20 + i, 1); /* a commit each, waited for */
     }
     uint64_t took = mono_ms() - t0;
+    /* the lines are in the journal's file before its fdatasync, and the
+     * append is counted after it, then the spool trimmed: the count is
+     * read once the trim is done */
     wait_written(23);
+    for (int i = 0; i < 10000 && spool_records() > 0; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
     pthread_mutex_lock(&ev->mu);
     uint64_t appends = ev->appends - before;
     pthread_mutex_unlock(&ev->mu);
     events_free(ev);
     sink_cfg_fini(&c);
-    unsetenv("SLUICE_TEST_EVENTS_GATHER_MS");
     if (took >= 800) {
         /* the three commits did not fall within one gather: nothing to
          * conclude (a machine far slower than any seen) */
