@@ -66,12 +66,20 @@ class PrivatePostfix:
             raise RuntimeError(why)
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="sluice-postfix-", dir=parent)
-        os.chmod(self.dir, 0o755)
         self.proc = None
         self.queue = os.path.join(self.dir, "queue")
         etc = os.path.join(self.dir, "etc")
-        os.makedirs(etc)
         self.maillog = os.path.join(self.dir, "maillog")
+        try:
+            self._start(etc, myhostname, main_cf, start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, etc, myhostname, main_cf, start_timeout):
+        port = self.port
+        os.chmod(self.dir, 0o755)
+        os.makedirs(etc)
         with open(os.path.join(etc, "main.cf"), "w") as f:
             f.write(f"""compatibility_level = 3.6
 queue_directory = {self.queue}
@@ -92,30 +100,26 @@ biff = no
 """)
         with open(os.path.join(etc, "master.cf"), "w") as f:
             f.write(f"127.0.0.1:{port} inet n - n - - smtpd\n" + MASTER_CF)
-        try:
-            os.makedirs(os.path.join(self.dir, "data"))
-            shutil.chown(os.path.join(self.dir, "data"), "postfix")
-            subprocess.run([f"{DAEMON_DIR}/post-install", f"config_directory={etc}",
-                            "meta_directory=/etc/postfix", "command_directory=/usr/sbin",
-                            f"daemon_directory={DAEMON_DIR}", "create-missing"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            # Its own session: master signals its whole process group when
-            # it stops, which must not be the caller's.
-            self.proc = subprocess.Popen([f"{DAEMON_DIR}/master", "-c", etc, "-d"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)
-            deadline = time.monotonic() + start_timeout
-            while not _connectable(port) and self.proc.poll() is None:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"Postfix's smtpd not listening on {port} after "
-                                         f"{start_timeout} s: {self.log()[-2000:]}")
-                time.sleep(0.05)
-            if self.proc.poll() is not None:
-                raise AssertionError(f"postfix master exited {self.proc.returncode}: "
-                                     f"{self.log()[-2000:]}")
-        except BaseException:
-            self.stop()
-            raise
+        os.makedirs(os.path.join(self.dir, "data"))
+        shutil.chown(os.path.join(self.dir, "data"), "postfix")
+        subprocess.run([f"{DAEMON_DIR}/post-install", f"config_directory={etc}",
+                        "meta_directory=/etc/postfix", "command_directory=/usr/sbin",
+                        f"daemon_directory={DAEMON_DIR}", "create-missing"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: master signals its whole process group when
+        # it stops, which must not be the caller's.
+        self.proc = subprocess.Popen([f"{DAEMON_DIR}/master", "-c", etc, "-d"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + start_timeout
+        while not _connectable(port) and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Postfix's smtpd not listening on {port} after "
+                                     f"{start_timeout} s: {self.log()[-2000:]}")
+            time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise AssertionError(f"postfix master exited {self.proc.returncode}: "
+                                 f"{self.log()[-2000:]}")
 
     def log(self):
         try:
@@ -134,14 +138,31 @@ biff = no
         return n
 
     def stop(self):
+        """master by SIGTERM (it signals its group), then what is left of
+        its group (its session: master's pid) by SIGKILL, waited for
+        until none is left (master does not wait for its children: one
+        still exiting could write into the directory being removed),
+        then the directory."""
         try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    self.proc.send_signal(signal.SIGTERM)
+                    try:
+                        self.proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        pass
                 try:
-                    self.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    try:
+                        os.killpg(self.proc.pid, 0)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.02)
         finally:
             if os.environ.get("KEEP_TMP") != "1":
                 shutil.rmtree(self.dir, ignore_errors=True)
