@@ -46,10 +46,10 @@ import subprocess
 import sys
 import time
 
-from harness import Sluice, Workdir, free_port, main, skip, wait_until
+from harness import Sluice, Workdir, free_port, log_time, main, skip, wait_until
 import test_delivery
 from test_delivery import Dns, connectable, records_for
-from test_limits_integ import Redis, parse_time
+from test_limits_integ import Redis
 
 SLUICE = sys.argv[1]
 ROOT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "..")
@@ -496,7 +496,7 @@ def test_operator_suspend_rate_and_bounce_everywhere():
 
 def delivered_in_log(node):
     """(seconds, source) of each delivered recipient in node's delivery log."""
-    return [(parse_time(e["time"]), e.get("source", "")) for e in node.dlog_events("delivery")]
+    return [(log_time(e["time"]), e.get("source", "")) for e in node.dlog_events("delivery")]
 
 
 def test_source_rate_slows_that_source_only():
@@ -605,7 +605,7 @@ def test_tenant_rate_and_bounce():
         a.inject(ng, "u", "globex")
 
         def times(tag):
-            return sorted(parse_time(e["time"]) for e in a.dlog_events("delivery")
+            return sorted(log_time(e["time"]) for e in a.dlog_events("delivery")
                           if e.get("rcpt", "").startswith(tag))
         wait_until(lambda: len(times("t")) >= na and len(times("u")) >= ng or None, 120,
                    "acme's and globex's mail delivered")
