@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct fairq_tenant {
     struct hash_node node;              /* on q->tenants: first */
@@ -16,6 +17,7 @@ struct fairq_tenant {
     unsigned deficit;                   /* jobs left in its turn; 0: its next turn refills */
     unsigned n;                         /* jobs waiting */
     unsigned mask;                      /* bit p: head[p] is not empty */
+    bool hashed;                        /* on q->tenants */
     struct fairq_tenant *prev, *next;   /* the ring */
     struct fairq_node *head[FAIRQ_PRIORITIES];
     struct fairq_node **tail[FAIRQ_PRIORITIES];
@@ -38,6 +40,7 @@ fairq_init(struct fairq *q, fairq_weight_fn *weight, void *ctx)
 {
     hash_init(&q->tenants, tenant_eq, 0);
     q->cur = NULL;
+    q->spare = NULL;
     q->ntenants = 0;
     q->n = 0;
     q->weight = weight;
@@ -47,9 +50,12 @@ fairq_init(struct fairq *q, fairq_weight_fn *weight, void *ctx)
 static struct fairq_tenant *
 tenant_find(const struct fairq *q, uint32_t id)
 {
-    /* One tenant is the common case: no hashing for it. */
+    /* One tenant is the common case: no hashing for it. Alone in the
+     * ring, it is q->cur, hashed or not; with others, all are hashed. */
     if (q->cur != NULL && q->cur->id == id)
         return q->cur;
+    if (q->tenants.n == 0)
+        return NULL;
     return (struct fairq_tenant *)hash_find(&q->tenants, tenant_hash(id), &id);
 }
 
@@ -66,9 +72,26 @@ tenant_drop(struct fairq *q, struct fairq_tenant *t)
             q->cur = t->next;
     }
     q->ntenants--;
-    hash_remove(&q->tenants, &t->node);
-    hash_compact(&q->tenants); /* its buckets follow the tenants waiting */
-    free(t);
+    if (t->hashed) {
+        hash_remove(&q->tenants, &t->node);
+        hash_compact(&q->tenants); /* its buckets follow the tenants waiting */
+    }
+    if (q->spare == NULL)
+        q->spare = t; /* for the next tenant to wait here */
+    else
+        free(t);
+}
+
+/* t in the hash (once a second tenant waits beside it). */
+static int
+tenant_hash_in(struct fairq *q, struct fairq_tenant *t)
+{
+    if (t->hashed)
+        return 0;
+    if (hash_insert(&q->tenants, &t->node) < 0)
+        return -ENOMEM;
+    t->hashed = true;
+    return 0;
 }
 
 void
@@ -76,6 +99,8 @@ fairq_fini(struct fairq *q)
 {
     while (q->cur != NULL)
         tenant_drop(q, q->cur);
+    free(q->spare);
+    q->spare = NULL;
     q->n = 0;
     hash_fini(&q->tenants);
 }
@@ -86,15 +111,26 @@ fairq_push(struct fairq *q, struct fairq_node *x, uint32_t tenant, unsigned prio
     unsigned p = priority < FAIRQ_PRIORITIES ? priority : FAIRQ_PRIORITIES - 1;
     struct fairq_tenant *t = tenant_find(q, tenant);
     if (t == NULL) {
-        t = calloc(1, sizeof(*t));
-        if (t == NULL)
+        /* The last one emptied here, if kept: a destination whose queue
+         * empties between its mails (many domains, a few mails each)
+         * allocates nothing per mail. */
+        t = q->spare;
+        if (t != NULL)
+            q->spare = NULL;
+        else if ((t = malloc(sizeof(*t))) == NULL)
             return -ENOMEM;
+        memset(t, 0, sizeof(*t));
         t->id = tenant;
         for (unsigned i = 0; i < FAIRQ_PRIORITIES; i++)
             t->tail[i] = &t->head[i];
         t->node.hash = tenant_hash(tenant);
-        if (hash_insert(&q->tenants, &t->node) < 0) {
-            free(t);
+        /* A second tenant: from now on both are looked up by hash. */
+        if (q->cur != NULL &&
+            (tenant_hash_in(q, q->cur) < 0 || tenant_hash_in(q, t) < 0)) {
+            if (q->spare == NULL)
+                q->spare = t;
+            else
+                free(t);
             return -ENOMEM;
         }
         /* At the end of the round: just before the one whose turn it is. */

@@ -11,8 +11,11 @@
  * whatever their backlog. Within a tenant the highest priority (0..9)
  * goes first, first in first out within one priority. Untenanted mail
  * (tenant 0) is one more tenant. Push, pop and a tenant's look-up are
- * O(1); a sub-queue is freed as soon as it is empty, so memory follows
- * the tenants that wait, not those that ever sent.
+ * O(1); a sub-queue is freed as soon as it is empty, but one (the last
+ * emptied) is kept for the next tenant, so memory follows the tenants
+ * that wait, not those that ever sent, and a queue that empties between
+ * its jobs allocates nothing per job. One tenant alone is found without
+ * the hash (which holds the tenants once two have waited at once).
  *
  * A tenant's weight is asked of the caller (weight_fn) at the start of
  * each of its turns, so a reload's new weights act from the next turn.
@@ -43,8 +46,10 @@ typedef unsigned fairq_weight_fn(void *ctx, uint32_t tenant);
 struct fairq_tenant;
 
 struct fairq {
-    struct hash tenants;       /* struct fairq_tenant by id: those with jobs */
+    struct hash tenants;       /* struct fairq_tenant by id: those with jobs, when two or
+                                  more are (one alone may be out of it) */
     struct fairq_tenant *cur;  /* owned ring of those tenants: whose turn it is; NULL: empty */
+    struct fairq_tenant *spare; /* owned: an emptied one kept for the next; or NULL */
     unsigned ntenants;
     size_t n;                  /* jobs waiting */
     fairq_weight_fn *weight;   /* borrowed; NULL: every tenant weighs 1 */

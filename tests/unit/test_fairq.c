@@ -4,8 +4,9 @@
  * backlog, priority order and FIFO within a priority, a job put back in
  * front, removal while walking (sub-queues freed as they empty), a walk
  * that skips to the next tenant, a
- * reload's new weight, counts per tenant, and random operations checked
- * against a model.
+ * reload's new weight, counts per tenant, random operations checked
+ * against a model, and one tenant alone kept out of the hash with an
+ * emptied sub-queue kept for the next.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -564,6 +565,52 @@ walk_skips_to_the_next_tenant(void **state)
     drain(&q);
 }
 
+/* One tenant alone is kept out of the hash; a second puts both in; the
+ * one left after the other empties is still found; an emptied sub-queue
+ * is kept (one) and taken again by the next tenant to wait. */
+static void
+one_tenant_stays_out_of_the_hash(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    uint32_t t;
+    for (unsigned round = 0; round < 3; round++) {
+        struct item *a = push(&q, 1, 0, 1, false);
+        assert_int_equal(q.tenants.n, 0);
+        assert_null(q.spare); /* taken (or, first time, none yet) */
+        assert_int_equal(fairq_tenant_count(&q, 1), 1);
+        assert_int_equal(fairq_tenant_count(&q, 2), 0);
+        assert_ptr_equal(item_of(fairq_pop(&q, &t)), a);
+        free(a);
+        assert_true(fairq_empty(&q));
+        assert_non_null(q.spare);
+    }
+    struct item *a = push(&q, 1, 0, 1, false);
+    struct item *b = push(&q, 2, 0, 2, false);
+    assert_int_equal(q.tenants.n, 2);
+    assert_int_equal(fairq_tenant_count(&q, 1), 1);
+    assert_int_equal(fairq_tenant_count(&q, 2), 1);
+    assert_ptr_equal(item_of(fairq_pop(&q, &t)), a); /* 1 empties: 2 left, hashed */
+    free(a);
+    assert_int_equal(fairq_tenant_count(&q, 2), 1);
+    assert_int_equal(fairq_tenant_count(&q, 1), 0);
+    struct item *c = push(&q, 3, 0, 3, false);
+    struct item *b2 = push(&q, 2, 0, 4, false); /* 2 found again, not a new one */
+    assert_int_equal(q.ntenants, 2);
+    assert_int_equal(fairq_tenant_count(&q, 2), 2);
+    assert_int_equal(fairq_tenant_count(&q, 3), 1);
+    const struct item *want[] = {b, c, b2};
+    for (unsigned i = 0; i < 3; i++) {
+        struct item *x = item_of(fairq_pop(&q, &t));
+        assert_ptr_equal(x, want[i]);
+        free(x);
+    }
+    assert_int_equal(q.tenants.n, 0);
+    drain(&q);
+}
+
 int
 main(void)
 {
@@ -577,6 +624,7 @@ main(void)
         cmocka_unit_test(reload_changes_a_weight),
         cmocka_unit_test(counts_per_tenant),
         cmocka_unit_test(random_ops_against_a_model),
+        cmocka_unit_test(one_tenant_stays_out_of_the_hash),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
