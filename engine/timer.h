@@ -1,5 +1,6 @@
 /*
- * timer: a binary min-heap of deadlines, one per worker. Thousands of
+ * timer: a binary min-heap of deadlines (each key kept in the heap's
+ * array beside its timer), one per worker. Thousands of
  * per-connection deadlines are re-armed on every read, so arm and cancel
  * are O(log n) with the heap slot kept in the timer itself; the loop asks
  * timer_next() for how long it may sleep and timer_run() fires what is due.
@@ -37,8 +38,15 @@ struct timer {
     timer_fn *fire;    /* called once when due, after the timer was disarmed */
 };
 
+/* A place in the heap: its timer's key and tie-break kept beside it, so
+ * that the heap's comparisons read the array alone. */
+struct timer_slot {
+    uint64_t key, key_seq;
+    struct timer *t; /* borrowed */
+};
+
 struct timer_heap {
-    struct timer **v; /* owned array of borrowed timers */
+    struct timer_slot *v; /* owned array of borrowed timers */
     uint32_t n, cap;
     uint64_t seq;
 };
