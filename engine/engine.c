@@ -772,8 +772,8 @@ enum engine_drain_end
 engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
 {
     /* The main thread, which called this, does no reload from now on (it
-     * waits for the signals of cut, then stops; a SIGHUP is only logged,
-     * below): a `sluicectl reload` waiting for one is told now, not
+     * waits for the signals of cut, then stops; a SIGHUP only reopens the
+     * logs, below): a `sluicectl reload` waiting for one is told now, not
      * "requested" 8 s later. */
     engine_reload_draining(e);
     /* From before the workers hear of it: their event=draining lines come
@@ -791,11 +791,11 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
      * (a loaded machine: 32 s for a drain_timeout of 30), and a process
      * stopped meanwhile (SIGSTOP, a VM paused) drained for that long too. */
     /* A failed worker never reports: it holds nothing that can finish. */
-    /* A SIGHUP now is taken here too, only to say that it is not done
-     * (it would otherwise stay pending, unseen, to the exit): a reload
-     * mid-drain would swap the config under a stop, for a process about
-     * to exit. The logs are not reopened either (the delivery log's
-     * reopen is the reload's); the next start opens both afresh. */
+    /* A SIGHUP now is taken here too (it would otherwise stay pending,
+     * unseen, to the exit): no reload (a config swapped under a stop, for
+     * a process about to exit), but the logs are reopened, as logrotate's
+     * postrotate asks; kept on the renamed file to the exit, the drain's
+     * lines would go where the rotation may have compressed them. */
     sigset_t waited;
     sigemptyset(&waited);
     if (cut != NULL) {
@@ -820,10 +820,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
         siginfo_t si;
         int sig = sigtimedwait(&waited, &si, &step);
         if (sig == SIGHUP) {
-            log_msg(LOG_WARN,
-                    "event=reload_ignored reason=draining signal=HUP sender_pid=%ld "
-                    "note=the_next_start_reads_the_file",
-                    (long)si.si_pid);
+            engine_hup_draining(e, &si);
             continue;
         }
         if (sig > 0 && si.si_pid != getpid()) {

@@ -195,9 +195,9 @@ enum engine_drain_end {
  * no reload from then on: engine_reload_draining). Main thread, with the
  * signals of cut (NULL: none) and SIGHUP blocked: one of cut sent by
  * another process ends the wait at once (one this process sends itself,
- * a failed worker's, does not); a SIGHUP (cut not NULL) is taken and
- * logged as not done, event=reload_ignored reason=draining, and the
- * drain goes on. */
+ * a failed worker's, does not); a SIGHUP (cut not NULL) reloads nothing
+ * but reopens the log and the delivery log (a rotation's), logged
+ * event=reload_ignored reason=draining, and the drain goes on. */
 enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut);
 /* Stop every worker and wait for them; close the spool; free. Bounded:
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers

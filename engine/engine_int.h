@@ -17,6 +17,7 @@
 #ifndef SLUICE_ENGINE_ENGINE_INT_H
 #define SLUICE_ENGINE_ENGINE_INT_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -49,5 +50,12 @@ void engine_mta_sts_reload(struct engine *e, const struct config *n);
 /* The digest of c's file i; 0: none named, or it cannot be read (the
  * load that follows says why). */
 uint64_t engine_reread_digest(const struct config *c, enum reread i);
+/* A SIGHUP once the drain has begun (engine_drain: reason "draining"):
+ * no reload (a config swapped under a stop, for a process about to exit),
+ * but the log and the delivery log are reopened, as logrotate's
+ * postrotate asks (renamed, then SIGHUP): kept on the renamed file, the
+ * drain's and the stop's lines would go where the rotation may have
+ * compressed it already. Logged event=reload_ignored. Main thread. */
+void engine_hup_draining(struct engine *e, const siginfo_t *si);
 
 #endif

@@ -9,18 +9,21 @@
  * (engine_reload_done, engine_reload_wait; the drain and the stop end
  * that wait: engine_reload_draining, engine_reload_stopping); and the
  * configs a reload left alive, asked of the workers and freed
- * (engine_config_collect, config_gen.h). The start, the stop and the
- * loads both share (the users file, the TLS contexts) are engine.c's.
+ * (engine_config_collect, config_gen.h); a SIGHUP once the drain has
+ * begun, which reloads nothing but reopens the logs (engine_hup_draining).
+ * The start, the stop and the loads both share (the users file, the TLS
+ * contexts) are engine.c's.
  *
  * Threading: engine_reload, engine_reload_done, engine_reload_draining,
- * engine_reload_stopping and engine_config_collect on the main thread;
- * park_on_worker and gens_on_worker on each worker; engine_reload_wait
- * and the config's enter/leave on any thread.
+ * engine_reload_stopping, engine_hup_draining and engine_config_collect
+ * on the main thread; park_on_worker and gens_on_worker on each worker;
+ * engine_reload_wait and the config's enter/leave on any thread.
  */
 #include "engine/engine.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -503,4 +506,33 @@ engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
     }
     pthread_mutex_unlock(&e->reload_lock);
     return rc;
+}
+
+/* The logs reopened for a SIGHUP that reloads nothing, and the line that
+ * says so. dl: the delivery log to reopen (its writer thread does, before
+ * its next batch; a failure is its own line, event=dlog_reopen_failed),
+ * or NULL; dl_state: what the line says of it. The log first, so that
+ * the line is in the new file. */
+static void
+hup_ignored(const siginfo_t *si, const char *reason, struct dlog *dl, const char *dl_state)
+{
+    int rc = log_reopen();
+    if (dl != NULL)
+        dlog_reopen(dl);
+    if (rc < 0)
+        log_msg(LOG_ERR,
+                "event=reload_ignored reason=%s signal=HUP sender_pid=%ld log_reopened=no "
+                "err=\"%s\" delivery_log=%s note=the_next_start_reads_the_file",
+                reason, (long)si->si_pid, strerror(-rc), dl_state);
+    else
+        log_msg(LOG_WARN,
+                "event=reload_ignored reason=%s signal=HUP sender_pid=%ld log_reopened=yes "
+                "delivery_log=%s note=the_next_start_reads_the_file",
+                reason, (long)si->si_pid, dl_state);
+}
+
+void
+engine_hup_draining(struct engine *e, const siginfo_t *si)
+{
+    hup_ignored(si, "draining", e->dlog, e->dlog != NULL ? "reopened" : "none");
 }

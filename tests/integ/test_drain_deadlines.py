@@ -13,15 +13,28 @@ much longer.
 says QUIT to the idle ones, and a QUIT to a session already closed is no
 event, tests/client/test_smtp_client.c, so nothing is armed again.)
 
+A log rotation (renamed, then SIGHUP: logrotate's postrotate) during
+the drain reopens the log and the delivery log: the drain's lines go to
+the new files, not into the renamed ones (which the rotation may have
+compressed already); the SIGHUP reloads nothing and is logged,
+event=reload_ignored reason=draining.
+
 Each test starts its own sluice (test_hostile_client.sluice: own spool and
-ports, delivery off) and stops it."""
+ports, delivery off; files_sluice for the rotations: its log in files) and
+stops it."""
+import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
-from harness import Smtp, log_fields, log_time, main, spool_messages
+from harness import (WAIT, Sluice, Smtp, Workdir, extra_env, free_port, log_fields, log_time,
+                     main, spool_messages, wait_until)
 from test_hostile_client import deaf_client, envelope, held_message, sluice
+
+SLUICE = sys.argv[1]
 
 
 def test_drain_keeps_a_closing_sessions_earlier_deadline():
@@ -159,8 +172,10 @@ def test_a_sighup_during_the_drain_is_logged_not_done():
     second TERM or INT only, and the HUP stayed pending, unseen, to the
     exit: neither done nor logged. Now it is logged as not done
     (event=reload_ignored reason=draining, with its sender) and the drain
-    goes on as before: no reload, no log reopened, still draining until
-    the second SIGTERM cuts it."""
+    goes on as before: no reload (the logs are reopened: the log is
+    standard error here, nothing to see; test_logs_rotated_during_the_drain_
+    are_reopened looks), still draining until the second SIGTERM cuts
+    it."""
     with sluice("drain_timeout = 60s\nmax_junk_commands = 1000000000\n", workers=1) as d:
         deaf = deaf_client(d)
         try:
@@ -185,7 +200,7 @@ def test_a_sighup_during_the_drain_is_logged_not_done():
         assert fields.get("reason") == "draining" and fields.get("signal") == "HUP", ignored
         assert fields.get("sender_pid") == str(os.getpid()), ignored
         assert "note=the_next_start_reads_the_file" in ignored, ignored
-        # not done: no reload, no reopen (the reload's lines), one line
+        # not done: no reload (the reload's lines), one line
         assert not d.log_lines("event=sighup") and not d.log_lines("event=config_reloaded"), \
             d.lines[-20:]
         assert d.count_log("event=reload_ignored") == 1
@@ -195,7 +210,144 @@ def test_a_sighup_during_the_drain_is_logged_not_done():
         assert not d.log_lines("event=drain_timed_out") and not d.log_lines("event=drain_done")
 
 
+def read(path):
+    """The text of the file at path; "" when there is none."""
+    try:
+        with open(path, errors="backslashreplace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def events(path):
+    """The kinds of the delivery log's events in the file at path."""
+    return [json.loads(ln)["event"] for ln in read(path).splitlines()]
+
+
+def wait_in(path, needle, timeout=WAIT):
+    """The first line of the file at path that holds needle, once there."""
+    def found():
+        return next((ln for ln in read(path).splitlines() if needle in ln), None)
+    return wait_until(found, timeout, f"{needle!r} in {os.path.basename(path)}")
+
+
+@contextlib.contextmanager
+def files_sluice(drain_timeout, commit_delay_ms):
+    """sluice (one worker, delivery off) whose log and delivery log are
+    files, d.log and d.dlog, with each commit's answer held commit_delay_ms
+    (SLUICE_TEST_COMMIT_DELAY); stopped on the way out, failing on a
+    sanitizer report (standard error still takes those) or an exit other
+    than 0."""
+    wd = Workdir("sluice-rot-")
+    d = None
+    try:
+        p = wd.path
+        port = free_port()
+        conf = wd.file("sluice.conf", f"""
+[server]
+workers = 1
+hostname = mx.sluice.test
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+drain_timeout = {drain_timeout}
+[queue]
+path = {p}/spool
+map_size = 64M
+[delivery]
+enabled = no
+[log]
+level = info
+file = {p}/sluice.log
+delivery_log = {p}/delivery.jsonl
+""")
+        with extra_env({"SLUICE_TEST_COMMIT_DELAY": str(commit_delay_ms)}):
+            d = Sluice(SLUICE, conf)
+        d.port, d.log, d.dlog = port, f"{p}/sluice.log", f"{p}/delivery.jsonl"
+        wait_in(d.log, "event=ready")
+        yield d
+        d.stop_clean()
+    finally:
+        if d is not None:
+            if d.proc.poll() is None:
+                try:
+                    d.stop()
+                except AssertionError:
+                    pass
+            d.check_sanitizers()
+        wd.cleanup()
+
+
+def hold_a_message(d):
+    """A client whose message is stored, its commit's answer held: returned
+    before any reply (held_message, the log read from its file)."""
+    pending = Smtp(d.port, timeout=60)
+    envelope(pending)
+    pending.send(b"Subject: held\r\n\r\nheld by the spool\r\n.\r\n")
+    wait_in(d.log, "event=commit_held")
+    return pending
+
+
+def rotate_and_hup(d, stage):
+    """What logrotate does (rename both logs, then SIGHUP) once the log
+    says stage; returns the line of the SIGHUP in the new log, once the
+    delivery log's new file is there too. None when the held message's
+    commit was answered already (its lines may be in the renamed files:
+    not conclusive)."""
+    wait_in(d.log, stage)
+    os.rename(d.log, d.log + ".1")
+    os.rename(d.dlog, d.dlog + ".1")
+    d.signal(signal.SIGHUP)
+    ignored = wait_in(d.log, "event=reload_ignored", timeout=30)
+    # the delivery log's writer reopens at its next interval (200 ms)
+    wait_until(lambda: os.path.exists(d.dlog), 30, "the delivery log reopened")
+    if "event=queued" in read(d.log + ".1") + read(d.log):
+        print("     not conclusive: the held message was answered before the rotation")
+        return None
+    return ignored
+
+
+def check_rotated(d, ignored, reason):
+    """After the exit: the SIGHUP's line (reason, this process its
+    sender, both logs reopened), and every line after the rotation,
+    the held message's reception and the stop's last lines, in the new
+    files."""
+    fields = dict(log_fields(ignored))
+    assert fields.get("reason") == reason and fields.get("signal") == "HUP", ignored
+    assert fields.get("sender_pid") == str(os.getpid()), ignored
+    assert fields.get("log_reopened") == "yes", ignored
+    assert fields.get("delivery_log") == "reopened", ignored
+    assert "event=sighup" not in read(d.log) and "event=config_reloaded" not in read(d.log)
+    old, new = read(d.log + ".1"), read(d.log)
+    assert "event=queued" in new and "event=queued" not in old, new
+    assert "event=stopped exit=0" in new and "event=stopped" not in old, new
+    assert events(d.dlog) == ["reception"], read(d.dlog)
+    assert events(d.dlog + ".1") == [], read(d.dlog + ".1")
+
+
+def test_logs_rotated_during_the_drain_are_reopened():
+    """The log and the delivery log renamed during the drain (held 10 s
+    by a message whose commit's answer is late), then SIGHUP: sluice kept
+    writing to the renamed files to the exit (logged the SIGHUP as
+    ignored there), so a rotation's postrotate lost the drain's lines
+    into a file it may have compressed. Now both are reopened: the
+    SIGHUP's line, the message's queued line and reception event, and
+    the stop's lines are in the new files; the SIGHUP reloads nothing."""
+    with files_sluice("60s", 10000) as d:
+        pending = hold_a_message(d)
+        try:
+            d.signal(signal.SIGTERM)
+            ignored = rotate_and_hup(d, "event=draining")
+            if ignored is None:
+                return
+            assert d.proc.wait(60) == 0, read(d.log)[-2000:]
+        finally:
+            pending.close()
+        check_rotated(d, ignored, "draining")
+        assert "event=drain_done" in read(d.log), read(d.log)
+
+
 if __name__ == "__main__":
     main([test_drain_keeps_a_closing_sessions_earlier_deadline,
           test_drain_timeout_is_a_time_on_the_clock, test_a_second_sigterm_ends_the_drain,
-          test_a_sighup_during_the_drain_is_logged_not_done])
+          test_a_sighup_during_the_drain_is_logged_not_done,
+          test_logs_rotated_during_the_drain_are_reopened])
