@@ -792,8 +792,9 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
      * stopped meanwhile (SIGSTOP, a VM paused) drained for that long too. */
     /* A failed worker never reports: it holds nothing that can finish. */
     /* A SIGHUP now is taken here too (it would otherwise stay pending,
-     * unseen, to the exit): no reload (a config swapped under a stop, for
-     * a process about to exit), but the logs are reopened, as logrotate's
+     * unseen, to the exit), and so is one during the stop that follows
+     * (stop_takes_hup): no reload (a config swapped under a stop, for a
+     * process about to exit), but the logs are reopened, as logrotate's
      * postrotate asks; kept on the renamed file to the exit, the drain's
      * lines would go where the rotation may have compressed them. */
     sigset_t waited;
@@ -801,6 +802,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
     if (cut != NULL) {
         waited = *cut;
         sigaddset(&waited, SIGHUP);
+        e->stop_takes_hup = true;
     }
     for (;;) {
         if (atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers)
@@ -986,8 +988,12 @@ void
 engine_stop(struct engine *e)
 {
     struct stop_watch watch;
+    struct stop_hup hup;
     atomic_store(&e->stopping, true); /* before ops_stop waits for a command under way */
-    engine_reload_stopping(e);        /* a `sluicectl reload` waits no more: no SIGHUP now */
+    engine_reload_stopping(e);        /* a `sluicectl reload` waits no more: no reload now */
+    /* A SIGHUP from now on (the main thread takes none until the exit)
+     * reopens the logs; one sent since the drain ended is taken first. */
+    bool hup_taken = e->stop_takes_hup && engine_stop_hup_start(&hup, e);
     bool watched = e->nworkers > 0 && stop_watch_start(&watch);
 #define STOP_STAGE(name)                                                                           \
     do {                                                                                           \
@@ -1061,6 +1067,8 @@ engine_stop(struct engine *e)
     e->dlogw_tlsrpt = dlog_writer_free(e->dlogw_tlsrpt);
     /* After every worker: what they logged is written out. */
     STOP_STAGE("delivery_log");
+    if (hup_taken)
+        engine_stop_hup_dlog_closes(&hup); /* its last lines go to the file it has now */
     e->dlog = dlog_free(e->dlog);
     bool events_busy = false;
     e->events = events_free_busy(e->events, &events_busy); /* after every writer, before the spool */
@@ -1134,6 +1142,8 @@ engine_stop(struct engine *e)
     e->gens = config_gens_free(e->gens);
     free(e->gens_msgs);
     e->gens_msgs = NULL;
+    if (hup_taken)
+        engine_stop_hup_end(&hup);
     if (watched)
         stop_watch_end(&watch);
 #undef STOP_STAGE

@@ -159,6 +159,10 @@ struct engine {
     atomic_bool draining;      /* engine_drain began: the main thread does no reload
                                 * from then on, so a command waiting for a reload gives
                                 * up (engine_reload_wait); set under reload_lock */
+    bool stop_takes_hup;       /* engine_drain was given signals to wait for (its caller
+                                * takes signals, SIGHUP blocked): engine_stop takes
+                                * SIGHUP too, by a thread of its own (struct stop_hup,
+                                * engine_int.h); main thread */
     uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
                                  * spool's last commits, one bound for every worker
                                  * (engine_stop sets it, server_worker_free waits); 0:
@@ -197,7 +201,9 @@ enum engine_drain_end {
  * another process ends the wait at once (one this process sends itself,
  * a failed worker's, does not); a SIGHUP (cut not NULL) reloads nothing
  * but reopens the log and the delivery log (a rotation's), logged
- * event=reload_ignored reason=draining, and the drain goes on. */
+ * event=reload_ignored reason=draining, and the drain goes on; and the
+ * engine_stop that follows takes SIGHUP the same way to its end
+ * (reason=stopping; the delivery log until it closes it). */
 enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut);
 /* Stop every worker and wait for them; close the spool; free. Bounded:
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers
@@ -208,7 +214,10 @@ enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const 
  * close waits STOP_SPOOL_CLOSE_AFTER_CUT_MS at most, not what is left of
  * that bound: past it the spool is left open (event=stop_spool_given_up),
  * the rest of the stop goes on, and stop_given_up says the exit must be
- * ENGINE_EXIT_FAILED. */
+ * ENGINE_EXIT_FAILED. After engine_drain was given signals to wait for
+ * (e->stop_takes_hup), a SIGHUP up to the stop's end is taken by a thread
+ * of the stop: the log reopened, the delivery log too until the stop
+ * closes it, logged event=reload_ignored reason=stopping. */
 void engine_stop(struct engine *e);
 
 /* A worker whose ring fails at run time cannot serve its sessions or its

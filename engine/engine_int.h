@@ -17,7 +17,9 @@
 #ifndef SLUICE_ENGINE_ENGINE_INT_H
 #define SLUICE_ENGINE_ENGINE_INT_H
 
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -57,5 +59,29 @@ uint64_t engine_reread_digest(const struct config *c, enum reread i);
  * drain's and the stop's lines would go where the rotation may have
  * compressed it already. Logged event=reload_ignored. Main thread. */
 void engine_hup_draining(struct engine *e, const siginfo_t *si);
+
+/* The stop's taker of SIGHUP: the main thread takes no signal while it
+ * runs engine_stop, so a thread of its own does, from the stop's start
+ * to its end (engine_stop, when e->stop_takes_hup), as the drain did:
+ * the logs reopened (the delivery log until the stop closes it),
+ * event=reload_ignored reason=stopping. Owned by engine_stop, on its
+ * stack. */
+struct stop_hup {
+    struct engine *e;  /* borrowed: the one stopping */
+    pthread_t th;
+    pthread_mutex_t mu; /* guards dlog_closed, and e->dlog's reopen against its close */
+    bool had_dlog;      /* there is a delivery log (set before the thread starts) */
+    bool dlog_closed;   /* the stop came to the delivery log's close */
+    atomic_bool done;   /* the stop came to its end: the wake-up is the last */
+};
+/* Start the taker; false when it could not start (logged: a SIGHUP then
+ * stays pending to the exit, as before). Main thread. */
+bool engine_stop_hup_start(struct stop_hup *h, struct engine *e);
+/* The stop is about to close the delivery log (e->dlog): from now on a
+ * SIGHUP reopens the log only. Main thread. */
+void engine_stop_hup_dlog_closes(struct stop_hup *h);
+/* The stop's end: the taker woken and joined, and a SIGHUP still
+ * pending (come as it ended) taken and logged too. Main thread. */
+void engine_stop_hup_end(struct stop_hup *h);
 
 #endif

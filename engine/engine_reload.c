@@ -10,14 +10,15 @@
  * that wait: engine_reload_draining, engine_reload_stopping); and the
  * configs a reload left alive, asked of the workers and freed
  * (engine_config_collect, config_gen.h); a SIGHUP once the drain has
- * begun, which reloads nothing but reopens the logs (engine_hup_draining).
- * The start, the stop and the loads both share (the users file, the TLS
- * contexts) are engine.c's.
+ * begun, which reloads nothing but reopens the logs (engine_hup_draining,
+ * and the stop's taker of it, struct stop_hup). The start, the stop and
+ * the loads both share (the users file, the TLS contexts) are engine.c's.
  *
  * Threading: engine_reload, engine_reload_done, engine_reload_draining,
- * engine_reload_stopping, engine_hup_draining and engine_config_collect
- * on the main thread; park_on_worker and gens_on_worker on each worker;
- * engine_reload_wait and the config's enter/leave on any thread.
+ * engine_reload_stopping, engine_hup_draining, engine_stop_hup_* and
+ * engine_config_collect on the main thread; park_on_worker and
+ * gens_on_worker on each worker; the stop's taker of SIGHUP on its own
+ * thread; engine_reload_wait and the config's enter/leave on any thread.
  */
 #include "engine/engine.h"
 
@@ -29,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/fs.h"
@@ -535,4 +537,94 @@ void
 engine_hup_draining(struct engine *e, const siginfo_t *si)
 {
     hup_ignored(si, "draining", e->dlog, e->dlog != NULL ? "reopened" : "none");
+}
+
+static void
+stop_hup_take(struct stop_hup *h, const siginfo_t *si)
+{
+    struct engine *e = h->e;
+    /* Under the lock: the stop does not close the delivery log between
+     * the look and the reopen's flag (dlog_reopen only sets it). */
+    pthread_mutex_lock(&h->mu);
+    struct dlog *dl = h->dlog_closed ? NULL : e->dlog;
+    if (dl != NULL)
+        dlog_reopen(dl);
+    const char *state = dl != NULL ? "reopened" : h->had_dlog ? "closed" : "none";
+    pthread_mutex_unlock(&h->mu);
+    hup_ignored(si, "stopping", NULL, state);
+}
+
+static void *
+stop_hup_main(void *arg)
+{
+    struct stop_hup *h = arg;
+    log_altstack_init();
+    log_set_thread_name("stop");
+    sigset_t hup;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(&hup, &si); /* blocked here, as in every thread (main.c) */
+        if (sig < 0) {
+            if (errno == EINTR)
+                continue;
+            log_msg(LOG_ERR, "event=sigwait_failed err=\"%s\" note=sighup_not_taken_in_the_stop",
+                    strerror(errno));
+            return NULL;
+        }
+        /* The stop's end wakes this by a SIGHUP of its own, sent to this
+         * thread alone (pthread_kill; its si_code is not always SI_TKILL:
+         * SI_USER, as an operator's kill(1), on a Linux 6.18 here, so
+         * only the sender tells them apart). An operator's that comes
+         * with it is taken by engine_stop_hup_end. */
+        if (si.si_pid == getpid() && atomic_load(&h->done))
+            return NULL;
+        stop_hup_take(h, &si);
+    }
+}
+
+bool
+engine_stop_hup_start(struct stop_hup *h, struct engine *e)
+{
+    memset(h, 0, sizeof(*h));
+    h->e = e;
+    h->had_dlog = e->dlog != NULL;
+    atomic_init(&h->done, false);
+    pthread_mutex_init(&h->mu, NULL);
+    int rc = pthread_create(&h->th, NULL, stop_hup_main, h);
+    if (rc != 0) {
+        pthread_mutex_destroy(&h->mu);
+        log_msg(LOG_WARN, "event=sighup_not_taken_in_the_stop reason=no_thread err=\"%s\"",
+                strerror(rc));
+        return false;
+    }
+    return true;
+}
+
+void
+engine_stop_hup_dlog_closes(struct stop_hup *h)
+{
+    pthread_mutex_lock(&h->mu);
+    h->dlog_closed = true;
+    pthread_mutex_unlock(&h->mu);
+}
+
+void
+engine_stop_hup_end(struct stop_hup *h)
+{
+    atomic_store(&h->done, true);
+    pthread_kill(h->th, SIGHUP);
+    pthread_join(h->th, NULL);
+    /* One come after the taker's last look (or while it could not look):
+     * taken here, without waiting, rather than left pending, unseen, to
+     * the exit. */
+    sigset_t hup;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    struct timespec now = {0, 0};
+    siginfo_t si;
+    while (sigtimedwait(&hup, &si, &now) == SIGHUP)
+        stop_hup_take(h, &si);
+    pthread_mutex_destroy(&h->mu);
 }

@@ -14,10 +14,11 @@ says QUIT to the idle ones, and a QUIT to a session already closed is no
 event, tests/client/test_smtp_client.c, so nothing is armed again.)
 
 A log rotation (renamed, then SIGHUP: logrotate's postrotate) during
-the drain reopens the log and the delivery log: the drain's lines go to
-the new files, not into the renamed ones (which the rotation may have
-compressed already); the SIGHUP reloads nothing and is logged,
-event=reload_ignored reason=draining.
+the drain or the stop reopens the log and the delivery log: the drain's
+and the stop's lines go to the new files, not into the renamed ones
+(which the rotation may have compressed already); the SIGHUP reloads
+nothing and is logged, event=reload_ignored reason=draining or
+reason=stopping.
 
 Each test starts its own sluice (test_hostile_client.sluice: own spool and
 ports, delivery off; files_sluice for the rotations: its log in files) and
@@ -346,8 +347,69 @@ def test_logs_rotated_during_the_drain_are_reopened():
         assert "event=drain_done" in read(d.log), read(d.log)
 
 
+def test_a_sighup_during_the_stop_is_logged_and_reopens_the_logs():
+    """A SIGHUP after the drain ended (1 s), while the stop waits for a
+    commit's late answer (event=stop_commit_wait; 10 s), stayed pending,
+    never logged, and the logs were not reopened: the main thread takes
+    no signal in the stop. Now a thread of the stop takes it: logged
+    event=reload_ignored reason=stopping, both logs reopened (the
+    delivery log until the stop closes it), the message's lines and the
+    stop's in the new files, and the stop ends as before (exit 0)."""
+    with files_sluice("1s", 10000) as d:
+        pending = hold_a_message(d)
+        try:
+            d.signal(signal.SIGTERM)
+            ignored = rotate_and_hup(d, "event=stop_commit_wait")
+            if ignored is None:
+                return
+            assert d.proc.wait(60) == 0, read(d.log)[-2000:]
+        finally:
+            pending.close()
+        check_rotated(d, ignored, "stopping")
+        assert "event=drain_timed_out" in read(d.log + ".1"), read(d.log + ".1")
+        (queued,) = [ln for ln in read(d.log).splitlines() if "event=queued" in ln]
+        assert "unanswered=stopping" in queued, queued
+
+
+def test_sighups_through_the_whole_stop():
+    """SIGHUP after SIGHUP from the SIGTERM taken to the exit (a drain of 1 s,
+    then a stop held 3 s by a commit's late answer), through the delivery
+    log's close and the stop's end, where the stop's taker of SIGHUP is
+    woken and joined: each one taken is logged (draining or stopping,
+    the log reopened), none hangs the stop or crashes it, the exit is 0
+    and event=stopped the last line."""
+    with files_sluice("1s", 3000) as d:
+        pending = hold_a_message(d)
+        sent = 0
+        try:
+            d.signal(signal.SIGTERM)
+            # Once the TERM is taken: before, each SIGHUP pending with it
+            # is taken first (the lowest signal number), a whole reload,
+            # and a storm of them can hold the TERM back.
+            wait_in(d.log, "event=stopping")
+            deadline = time.monotonic() + 60
+            while d.proc.poll() is None:
+                assert time.monotonic() < deadline, "the stop did not end under SIGHUPs"
+                d.signal(signal.SIGHUP)  # not sent once it has exited (Popen.send_signal)
+                sent += 1
+                time.sleep(0.005)  # a pace, not a wait for anything
+        finally:
+            pending.close()
+        assert d.proc.wait(5) == 0, read(d.log)[-2000:]
+        lines = read(d.log).splitlines()
+        taken = [dict(log_fields(ln)) for ln in lines if "event=reload_ignored" in ln]
+        reasons = {f["reason"] for f in taken}
+        print(f"     {sent} SIGHUPs sent, {len(taken)} taken (signals pending at once merge)")
+        assert "stopping" in reasons and reasons <= {"draining", "stopping"}, reasons
+        assert all(f["log_reopened"] == "yes" for f in taken), taken
+        assert all(f["delivery_log"] in ("reopened", "closed") for f in taken), taken
+        assert "event=stopped exit=0" in lines[-1], lines[-3:]
+
+
 if __name__ == "__main__":
     main([test_drain_keeps_a_closing_sessions_earlier_deadline,
           test_drain_timeout_is_a_time_on_the_clock, test_a_second_sigterm_ends_the_drain,
           test_a_sighup_during_the_drain_is_logged_not_done,
-          test_logs_rotated_during_the_drain_are_reopened])
+          test_logs_rotated_during_the_drain_are_reopened,
+          test_a_sighup_during_the_stop_is_logged_and_reopens_the_logs,
+          test_sighups_through_the_whole_stop])
