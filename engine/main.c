@@ -53,7 +53,8 @@ usage(FILE *out)
             "\n"
             "Signals: TERM or INT drains (stops accepting, lets outbound transactions in\n"
             "flight finish for [server] drain_timeout, leaves the rest queued; a second\n"
-            "TERM or INT ends the drain at once; a HUP then is logged as not done) and\n"
+            "TERM or INT ends the drain at once; a HUP then, and to the exit, reopens\n"
+            "the logs and reloads nothing, logged as event=reload_ignored) and\n"
             "exits 0; HUP reopens the log and the delivery log, reloads the users file\n"
             "and the configuration: domain policies and limits, TLS policies, [tls]\n"
             "(certificate and key read again, CAs, protocols, ciphers), retries,\n"
@@ -331,10 +332,12 @@ main(int argc, char **argv)
                 "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu reason=%s",
                 sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms,
                 engine_failed_workers(&engine) > 0 ? "worker_failed" : "signal");
-        /* A second TERM or INT ends the drain (engine_drain); a HUP is
-         * logged there as not done (event=reload_ignored), the drain
-         * going on: engine_drain first tells a `sluicectl reload`
-         * waiting for one that it will not be done. A SIGHUP raised
+        /* A second TERM or INT ends the drain (engine_drain); a HUP
+         * there, and in the stop after it (engine_stop takes it by a
+         * thread of its own), reopens the logs, reloads nothing and is
+         * logged so (event=reload_ignored), the drain going on:
+         * engine_drain first tells a `sluicectl reload` waiting for one
+         * that it will not be done. A SIGHUP raised
          * before this TERM was taken was taken first (sigwaitinfo on
          * Linux gives the lowest-numbered pending signal first, HUP 1
          * before INT 2 and TERM 15): its reload ran, and is told as it
