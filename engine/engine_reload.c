@@ -618,13 +618,15 @@ engine_stop_hup_end(struct stop_hup *h)
     pthread_join(h->th, NULL);
     /* One come after the taker's last look (or while it could not look):
      * taken here, without waiting, rather than left pending, unseen, to
-     * the exit. */
+     * the exit. A few at most: a sender that never stops does not hold
+     * the stop (pending, they merge into one; one more may come as each
+     * is taken). */
     sigset_t hup;
     sigemptyset(&hup);
     sigaddset(&hup, SIGHUP);
     struct timespec now = {0, 0};
     siginfo_t si;
-    while (sigtimedwait(&hup, &si, &now) == SIGHUP)
+    for (unsigned i = 0; i < 4 && sigtimedwait(&hup, &si, &now) == SIGHUP; i++)
         stop_hup_take(h, &si);
     pthread_mutex_destroy(&h->mu);
 }
