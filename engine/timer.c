@@ -153,11 +153,13 @@ timer_run_until(struct timer_heap *h, uint64_t now, void *ctx, uint64_t (*clock)
      * next turn, so that one run always ends. */
     uint64_t seq_end = h->seq;
     unsigned fired = 0;
-    while (h->n != 0 && h->v[0].key <= now && h->v[0].key_seq < seq_end) {
+    while (h->n != 0 && h->v[0].key <= now) {
         struct timer *t = h->v[0].t;
         if (t->key != t->deadline || t->key_seq != t->seq) {
             /* re-armed in place: to its deadline (later; at most once a
-             * re-arm, so the run ends) */
+             * re-arm, so the run ends). Even a key armed during the run:
+             * stopping at it would leave a later timer due and armed
+             * before the run for the next one. */
             t->key = t->deadline;
             t->key_seq = t->seq;
             h->v[0].key = t->key;
@@ -165,6 +167,8 @@ timer_run_until(struct timer_heap *h, uint64_t now, void *ctx, uint64_t (*clock)
             sift_down(h, 0);
             continue;
         }
+        if (h->v[0].key_seq >= seq_end)
+            break;
         remove_at(h, 0);
         fired++;
         t->fire(t, ctx);

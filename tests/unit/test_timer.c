@@ -1,7 +1,7 @@
 /*
  * Timer heap alone (a fake clock) and timers on a real worker loop: 10,000
  * random deadlines fire in order, each once, never early; cancelled and
- * re-armed timers behave.
+ * re-armed timers behave; a run goes on past a stale key armed during it.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -194,6 +194,69 @@ test_rearm_in_callback_terminates(void **state)
     timer_heap_fini(&h);
 }
 
+/* A callback arms a timer new for a deadline already due (it waits for
+ * the next run), then re-arms it for later than another timer due in this
+ * run: the first key in the heap is then one armed during the run, but a
+ * stale one; the run moves it to its deadline and goes on to fire the
+ * other, due and armed before the run (it used to stop at that key, the
+ * other left due for the next run). */
+struct stale_run {
+    struct timer_heap *h;
+    struct timer a, b, c;
+    unsigned fired_a, fired_b, fired_c;
+};
+
+static struct stale_run *stale;
+
+static void
+stale_on_a(struct timer *t, void *ctx)
+{
+    (void)t;
+    (void)ctx;
+    stale->fired_a++;
+    assert_int_equal(timer_arm(stale->h, &stale->c, 50), 0);  /* due: next run */
+    assert_int_equal(timer_arm(stale->h, &stale->c, 250), 0); /* later: in place */
+}
+
+static void
+stale_on_b(struct timer *t, void *ctx)
+{
+    (void)t;
+    (void)ctx;
+    stale->fired_b++;
+}
+
+static void
+stale_on_c(struct timer *t, void *ctx)
+{
+    (void)t;
+    (void)ctx;
+    stale->fired_c++;
+}
+
+static void
+test_run_goes_past_a_stale_key_armed_in_the_run(void **state)
+{
+    (void)state;
+    struct timer_heap h;
+    assert_int_equal(timer_heap_init(&h, 4), 0);
+    struct stale_run x = {.h = &h};
+    stale = &x;
+    timer_init(&x.a, stale_on_a);
+    timer_init(&x.b, stale_on_b);
+    timer_init(&x.c, stale_on_c);
+    assert_int_equal(timer_arm(&h, &x.a, 100), 0);
+    assert_int_equal(timer_arm(&h, &x.b, 200), 0);
+    assert_int_equal(timer_run(&h, 300, NULL), 2); /* a, then b */
+    assert_int_equal(x.fired_b, 1);
+    assert_int_equal(x.fired_c, 0);
+    assert_int_equal(timer_next(&h), 250);
+    assert_int_equal(timer_run(&h, 300, NULL), 1); /* c */
+    assert_true(x.fired_a == 1 && x.fired_b == 1 && x.fired_c == 1);
+    assert_int_equal(timer_next(&h), UINT64_MAX);
+    timer_heap_fini(&h);
+}
+
 static void
 test_loop_timers(void **state)
 {
@@ -308,6 +371,7 @@ main(void)
         cmocka_unit_test(test_heap_fake_clock),
         cmocka_unit_test(test_rearm_later_in_place),
         cmocka_unit_test(test_rearm_in_callback_terminates),
+        cmocka_unit_test(test_run_goes_past_a_stale_key_armed_in_the_run),
         cmocka_unit_test(test_loop_timers),
         cmocka_unit_test(test_loop_slices_a_storm_of_timers),
     };
