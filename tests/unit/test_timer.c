@@ -1,7 +1,9 @@
 /*
  * Timer heap alone (a fake clock) and timers on a real worker loop: 10,000
  * random deadlines fire in order, each once, never early; cancelled and
- * re-armed timers behave; a run goes on past a stale key armed during it.
+ * re-armed timers behave; a run goes on past a stale key armed during it;
+ * random operations (callbacks that arm and cancel included) against a
+ * model, the heap checked after each.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -257,6 +259,234 @@ test_run_goes_past_a_stale_key_armed_in_the_run(void **state)
     timer_heap_fini(&h);
 }
 
+/* Random operations against a model: timers armed new, re-armed later
+ * (in place), re-armed sooner, cancelled, runs to a random now (some cut
+ * short by the clock of timer_run_until), and fire callbacks that arm and
+ * cancel timers (themselves included). The model holds each timer's
+ * deadline and arming order; a run fires, one after another, the armed
+ * timer first by deadline then arming order, as long as it is due and was
+ * armed before the run began (what a callback arms waits for the next
+ * run). After every operation, and inside every callback, the heap is
+ * walked: each slot's key no later than its children's, the key the one
+ * its timer holds, t->slot its index + 1, every armed timer in it once.
+ * Fixed seed. */
+#define MODEL_N   200
+#define MODEL_OPS 20000
+
+struct mt {
+    struct timer t;
+    unsigned id;
+    bool armed;        /* the model's */
+    uint64_t deadline; /* the model's, while armed */
+    uint64_t seq;      /* the model's arming order, while armed */
+};
+
+struct model_run {
+    struct timer_heap h;
+    struct mt v[MODEL_N];
+    uint64_t seq;      /* arms so far: the heap's sequence */
+    uint64_t now;
+    uint64_t rng;
+    uint64_t run_seq;  /* seq when the run began */
+    unsigned fired;    /* in this run */
+    unsigned in_place, moved;
+    bool quiet;        /* callbacks arm nothing */
+};
+
+static struct model_run *mr;
+
+static unsigned
+mrnd(unsigned n)
+{
+    return (unsigned)(rnd(&mr->rng) % n);
+}
+
+static void
+heap_check(const struct model_run *m)
+{
+    const struct timer_heap *h = &m->h;
+    assert_true(h->n <= h->cap);
+    assert_int_equal(h->seq, m->seq);
+    for (uint32_t i = 0; i < h->n; i++) {
+        const struct timer_slot *s = &h->v[i];
+        assert_non_null(s->t);
+        assert_int_equal(s->t->slot, i + 1);
+        assert_true(s->key == s->t->key && s->key_seq == s->t->key_seq);
+        /* the key: the deadline, or earlier (a re-arm for later in place) */
+        assert_true(s->key < s->t->deadline ||
+                    (s->key == s->t->deadline && s->key_seq <= s->t->seq));
+        for (uint32_t c = 2 * i + 1; c <= 2 * i + 2 && c < h->n; c++) {
+            const struct timer_slot *k = &h->v[c];
+            assert_true(s->key < k->key || (s->key == k->key && s->key_seq < k->key_seq));
+        }
+    }
+    unsigned armed = 0;
+    for (unsigned i = 0; i < MODEL_N; i++) {
+        const struct mt *x = &m->v[i];
+        assert_int_equal(timer_armed(&x->t), x->armed);
+        if (!x->armed)
+            continue;
+        armed++;
+        assert_true(x->t.slot <= h->n);
+        assert_ptr_equal(h->v[x->t.slot - 1].t, &x->t);
+        assert_int_equal(x->t.deadline, x->deadline);
+        assert_int_equal(x->t.seq, x->seq);
+    }
+    assert_int_equal(armed, h->n);
+    assert_int_equal(timer_next(h), h->n ? h->v[0].key : UINT64_MAX);
+}
+
+/* The model's next to fire in this run, or NULL: the first armed by
+ * deadline then arming order, if due and armed before the run. */
+static struct mt *
+model_next(struct model_run *m)
+{
+    struct mt *best = NULL;
+    for (unsigned i = 0; i < MODEL_N; i++) {
+        struct mt *x = &m->v[i];
+        if (x->armed && (best == NULL || x->deadline < best->deadline ||
+                         (x->deadline == best->deadline && x->seq < best->seq)))
+            best = x;
+    }
+    if (best == NULL || best->deadline > m->now || best->seq >= m->run_seq)
+        return NULL;
+    return best;
+}
+
+static void
+model_arm(struct model_run *m, struct mt *x, uint64_t deadline)
+{
+    bool was = x->armed;
+    uint64_t key = x->t.key;
+    assert_int_equal(timer_arm(&m->h, &x->t, deadline), 0);
+    if (was && deadline >= key)
+        m->in_place++;
+    else if (was)
+        m->moved++;
+    x->armed = true;
+    x->deadline = deadline;
+    x->seq = m->seq++;
+}
+
+static void
+model_cancel(struct model_run *m, struct mt *x)
+{
+    timer_cancel(&m->h, &x->t);
+    assert_false(timer_armed(&x->t));
+    x->armed = false;
+}
+
+static void
+model_fire(struct timer *t, void *ctx)
+{
+    (void)ctx;
+    struct model_run *m = mr;
+    struct mt *x = (struct mt *)((char *)t - offsetof(struct mt, t));
+    struct mt *want = model_next(m);
+    if (want != x)
+        fail_msg("timer %u fired (deadline %llu seq %llu), the model's next: %d", x->id,
+                 (unsigned long long)x->t.deadline, (unsigned long long)x->t.seq,
+                 want ? (int)want->id : -1);
+    assert_false(timer_armed(t));
+    assert_true(x->deadline <= m->now);
+    x->armed = false;
+    m->fired++;
+    heap_check(m);
+    /* A callback arms and cancels: itself, others, due now or later. */
+    unsigned ops = m->quiet ? 0 : mrnd(4);
+    for (unsigned k = 0; k < ops; k++) {
+        struct mt *y = &m->v[mrnd(MODEL_N)];
+        if (mrnd(5) == 0 && y->armed)
+            model_cancel(m, y);
+        else
+            model_arm(m, mrnd(4) == 0 ? x : y, m->now - 20 + mrnd(60));
+        heap_check(m);
+    }
+}
+
+static uint64_t
+fired_clock(void)
+{
+    return mr->fired;
+}
+
+static void
+test_random_ops_against_a_model(void **state)
+{
+    (void)state;
+    struct model_run *m = calloc(1, sizeof(*m));
+    assert_non_null(m);
+    mr = m;
+    m->rng = 0x9e3779b97f4a7c15ull;
+    m->now = 1000;
+    assert_int_equal(timer_heap_init(&m->h, 2), 0); /* small: grows */
+    for (unsigned i = 0; i < MODEL_N; i++) {
+        m->v[i].id = i;
+        timer_init(&m->v[i].t, model_fire);
+    }
+    unsigned runs = 0, fired = 0, cut = 0;
+    for (unsigned op = 0; op < MODEL_OPS; op++) {
+        struct mt *x = &m->v[mrnd(MODEL_N)];
+        unsigned r = mrnd(100);
+        if (r < 30) {
+            /* few distinct deadlines: many ties */
+            model_arm(m, x, m->now + mrnd(100));
+        } else if (r < 45 && x->armed) {
+            model_arm(m, x, x->deadline + mrnd(100)); /* later (or the same) */
+        } else if (r < 55 && x->armed) {
+            uint64_t d = x->t.key > 0 ? x->t.key - 1 - mrnd(50) : 0;
+            model_arm(m, x, d); /* sooner than its key: moves */
+        } else if (r < 70) {
+            model_cancel(m, x);
+        } else {
+            if (mrnd(4) != 0)
+                m->now += mrnd(40);
+            m->run_seq = m->seq;
+            m->fired = 0;
+            unsigned n;
+            bool until = mrnd(4) == 0;
+            uint64_t stop = 1 + mrnd(5);
+            if (until)
+                n = timer_run_until(&m->h, m->now, NULL, fired_clock, stop);
+            else
+                n = timer_run(&m->h, m->now, NULL);
+            assert_int_equal(n, m->fired);
+            runs++;
+            fired += n;
+            if (until && n == stop) {
+                cut++;
+            } else {
+                /* stopped where the model stops */
+                struct mt *left = model_next(m);
+                if (left != NULL)
+                    fail_msg("run to %llu left timer %u (deadline %llu) due",
+                             (unsigned long long)m->now, left->id,
+                             (unsigned long long)left->deadline);
+            }
+        }
+        heap_check(m);
+    }
+    print_message("%u ops: %u runs (%u cut short), %u fired, %u re-armed in place, "
+                  "%u moved\n",
+                  MODEL_OPS, runs, cut, fired, m->in_place, m->moved);
+    assert_true(fired > 1000 && m->in_place > 1000 && m->moved > 1000 && cut > 100);
+    /* Everything left fires, in the model's order. */
+    m->now = UINT64_MAX - 1000;
+    m->quiet = true;
+    for (;;) {
+        m->run_seq = m->seq;
+        m->fired = 0;
+        unsigned n = timer_run(&m->h, m->now, NULL);
+        assert_int_equal(n, m->fired);
+        heap_check(m);
+        if (m->h.n == 0)
+            break;
+    }
+    assert_int_equal(timer_next(&m->h), UINT64_MAX);
+    timer_heap_fini(&m->h);
+    free(m);
+}
+
 static void
 test_loop_timers(void **state)
 {
@@ -372,6 +602,7 @@ main(void)
         cmocka_unit_test(test_rearm_later_in_place),
         cmocka_unit_test(test_rearm_in_callback_terminates),
         cmocka_unit_test(test_run_goes_past_a_stale_key_armed_in_the_run),
+        cmocka_unit_test(test_random_ops_against_a_model),
         cmocka_unit_test(test_loop_timers),
         cmocka_unit_test(test_loop_slices_a_storm_of_timers),
     };
