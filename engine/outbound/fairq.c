@@ -111,7 +111,7 @@ fairq_push(struct fairq *q, struct fairq_node *x, uint32_t tenant, unsigned prio
     unsigned p = priority < FAIRQ_PRIORITIES ? priority : FAIRQ_PRIORITIES - 1;
     struct fairq_tenant *t = tenant_find(q, tenant);
     if (t == NULL) {
-        /* The last one emptied here, if kept: a destination whose queue
+        /* One emptied here, if kept: a destination whose queue
          * empties between its mails (many domains, a few mails each)
          * allocates nothing per mail. */
         t = q->spare;

@@ -11,11 +11,12 @@
  * whatever their backlog. Within a tenant the highest priority (0..9)
  * goes first, first in first out within one priority. Untenanted mail
  * (tenant 0) is one more tenant. Push, pop and a tenant's look-up are
- * O(1); a sub-queue is freed as soon as it is empty, but one (the last
- * emptied) is kept for the next tenant, so memory follows the tenants
- * that wait, not those that ever sent, and a queue that empties between
- * its jobs allocates nothing per job. One tenant alone is found without
- * the hash (which holds the tenants once two have waited at once).
+ * O(1); a sub-queue is freed as soon as it is empty, but one (emptied
+ * while no other was kept) is kept for the next tenant, so memory
+ * follows the tenants that wait (and that one), not those that ever
+ * sent, and a queue that empties between its jobs allocates nothing per
+ * job. One tenant alone is found without the hash (which holds the
+ * tenants once two have waited at once).
  *
  * A tenant's weight is asked of the caller (weight_fn) at the start of
  * each of its turns, so a reload's new weights act from the next turn.
