@@ -232,9 +232,13 @@ long suppress_list(struct suppress *s, const char *scope, const char *after_scop
  * line that starts with "address," is a header. */
 struct suppress_import_result {
     uint64_t lines, imported, skipped; /* skipped: lines in error */
-    uint64_t not_imported; /* cut (-ECANCELED): entries read but not written (cut
-                            * while reading: the records read, a key twice counted
-                            * twice; the lines after `lines` not read, not counted) */
+    uint64_t entries;      /* the file's entries: its keys (scope and address), each
+                            * counted once however many lines name it; counted once
+                            * the file is read and sorted whole (0 before) */
+    uint64_t not_imported; /* cut (-ECANCELED): entries read but not written, entries
+                            * - imported (cut while reading or sorting: the records
+                            * read, a key twice counted twice; the lines after `lines`
+                            * not read, not counted) */
     unsigned long first_bad_line;      /* 0: none */
     char first_error[160];
 };
@@ -243,12 +247,13 @@ struct suppress_import_result {
  * stored ones with the same key (the scope folded as every scope is), so
  * the same file imported again stores the same entries (an empty added
  * taken as the time of that import); lines in error are skipped and
- * counted. stop (NULL: never) is asked between transactions, and every
- * 65,536 lines while reading, with no lock held: true ends the import
- * there (the stop: a million lines held it for their whole length),
- * what was committed kept, the first entries in scope and address order,
- * and -ECANCELED returned. Returns 0, or -errno (nothing after the
- * failing batch is written). */
+ * counted. stop (NULL: never) is asked between transactions, every
+ * 65,536 lines while reading and every 65,536 records sorted or merged
+ * while sorting, with no lock held: true ends the import there (the
+ * stop: a million lines held it for their whole length), what was
+ * committed kept, the first entries in scope and address order, and
+ * -ECANCELED returned. Returns 0, or -errno (nothing after the failing
+ * batch is written). */
 int suppress_import_csv(struct suppress *s, FILE *in, bool (*stop)(void *arg), void *arg,
                         struct suppress_import_result *res);
 /* Write entries (of scope, NULL: all) with a header line. Returns the

@@ -3,11 +3,12 @@
  * suppress.h: suppress_import_csv, suppress_export_csv). An import is
  * read by records (RFC 4180: a quoted field may go on over lines; a
  * UTF-8 byte order mark at the start is skipped; a line is read up to
- * CSV_RECORD_MAX octets, a longer one is in error), parsed whole into a
- * sorted arena, then written in transactions of
+ * CSV_RECORD_MAX octets, a longer one is in error), parsed whole into an
+ * arena, sorted (in runs, then merged), then written in transactions of
  * IMPORT_BATCH entries (appended when they come after the last key
- * stored), the caller's stop asked before each (a stop of the daemon
- * ends an import there); an export is a walk of the list (suppress_list).
+ * stored), the caller's stop asked while the file is read, while it is
+ * sorted, and before each transaction (a stop of the daemon ends an
+ * import there); an export is a walk of the list (suppress_list).
  *
  * Threading: any thread at once (suppress.h); an import's writes take the
  * list's writer mutex, one transaction at a time.
@@ -271,6 +272,100 @@ off_cmp(const void *x, const void *y, void *arg)
     return *a < *b ? -1 : *a > *b ? 1 : 0; /* stable: the later line wins below */
 }
 
+/* Records sorted at once between two looks at the import's stop, and
+ * merged between two: qsort_r of a whole file held a stop for its whole
+ * length (2 million records: a second, three under load, for a file in
+ * no order). */
+#define SORT_RUN 65536
+
+struct sort_look {
+    bool (*stop)(void *arg); /* NULL: never */
+    void *arg;
+    size_t placed; /* records sorted or merged since the last look */
+};
+
+/* Whether the stop came, asked once SORT_RUN records were placed. */
+static inline bool
+sort_stop(struct sort_look *l, size_t placed)
+{
+    l->placed += placed;
+    if (l->stop == NULL || l->placed < SORT_RUN)
+        return false;
+    l->placed = 0;
+    return l->stop(l->arg);
+}
+
+static bool
+same_key(const struct arena *a, size_t off1, size_t off2)
+{
+    MDB_val k1, k2;
+    uint16_t l;
+    memcpy(&l, a->buf + off1, 2);
+    k1.mv_size = l;
+    k1.mv_data = (void *)(a->buf + off1 + 4);
+    memcpy(&l, a->buf + off2, 2);
+    k2.mv_size = l;
+    k2.mv_data = (void *)(a->buf + off2 + 4);
+    return key_cmp(&k1, &k2) == 0;
+}
+
+/* Sort the arena's records by key (off_cmp: equal keys in line order),
+ * looking at the stop every SORT_RUN records placed: runs of SORT_RUN
+ * sorted by qsort_r, then merged two by two. *keys: the distinct keys
+ * (each counted once however many lines name it), counted in the last
+ * merge. 0, -ECANCELED (the stop: the order is then no order, and
+ * nothing may be written from it) or -ENOMEM. */
+static int
+arena_sort(struct arena *a, bool (*stop)(void *arg), void *arg, uint64_t *keys)
+{
+    struct sort_look l = {stop, arg, 0};
+    size_t n = a->n;
+    *keys = 0;
+    for (size_t i = 0; i < n; i += SORT_RUN) {
+        size_t m = n - i < SORT_RUN ? n - i : SORT_RUN;
+        qsort_r(a->off + i, m, sizeof(*a->off), off_cmp, a);
+        if (sort_stop(&l, SORT_RUN))
+            return -ECANCELED;
+    }
+    if (n <= SORT_RUN) {
+        for (size_t i = 0; i < n; i++)
+            *keys += i == 0 || !same_key(a, a->off[i - 1], a->off[i]);
+        return 0;
+    }
+    size_t *src = a->off, *dst = malloc(n * sizeof(*dst));
+    if (dst == NULL)
+        return -ENOMEM;
+    int rc = 0;
+    for (size_t w = SORT_RUN; w < n && rc == 0; w *= 2) {
+        bool last = w >= n - w; /* one merge of the two halves: the last */
+        for (size_t lo = 0; lo < n && rc == 0; lo += 2 * w) {
+            size_t mid = n - lo > w ? lo + w : n, hi = n - lo > 2 * w ? lo + 2 * w : n;
+            size_t i = lo, j = mid;
+            for (size_t o = lo; o < hi; o++) {
+                size_t x =
+                    j >= hi || (i < mid && off_cmp(&src[i], &src[j], a) < 0) ? src[i++] : src[j++];
+                if (last)
+                    *keys += o == 0 || !same_key(a, dst[o - 1], x);
+                dst[o] = x;
+                if (sort_stop(&l, 1)) {
+                    rc = -ECANCELED;
+                    break;
+                }
+            }
+        }
+        size_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    /* the sorted offsets in src; the other array freed */
+    if (src != a->off) {
+        a->off = src;
+        a->ncap = n;
+    }
+    free(dst);
+    return rc;
+}
+
 static int
 import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
 {
@@ -484,23 +579,14 @@ suppress_import_csv(struct suppress *s, FILE *in, bool (*stop)(void *arg), void 
     free(more);
     if (rc == 0 && ferror(in))
         rc = -EIO;
+    if (rc == 0)
+        rc = arena_sort(&a, stop, arg, &res->entries);
     if (rc == -ECANCELED)
-        res->not_imported = a.n;
+        res->not_imported = a.n; /* nothing written: what was read */
     if (rc == 0 && a.n > 0) {
-        qsort_r(a.off, a.n, sizeof(*a.off), off_cmp, &a);
         for (size_t from = 0; from < a.n && rc == 0;) {
             if (stop != NULL && stop(arg)) {
-                /* the entries left, duplicates of one key counted once */
-                for (size_t i = from; i < a.n; i++) {
-                    MDB_val k1, v1, k2, v2;
-                    arena_rec(&a, i, &k1, &v1);
-                    if (i + 1 < a.n) {
-                        arena_rec(&a, i + 1, &k2, &v2);
-                        if (key_cmp(&k1, &k2) == 0)
-                            continue;
-                    }
-                    res->not_imported++;
-                }
+                res->not_imported = res->entries - res->imported;
                 rc = -ECANCELED;
                 break;
             }

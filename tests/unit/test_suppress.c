@@ -4,7 +4,8 @@
  * domain, global and scope, expiry), remove, normalisation on and off,
  * the bounce hook's policy, feeds from several threads committed by the
  * writer thread, list paging, CSV import and export (quoting, bad lines,
- * duplicates, replacement of stored entries, an import cut by the stop), that entries survive a
+ * duplicates, replacement of stored entries, an import cut by the stop
+ * while read, sorted or written), that entries survive a
  * close and reopen, and that a note the spool holds (a bounce's entry)
  * stays there while the list cannot be written.
  */
@@ -792,6 +793,7 @@ test_import_cut_by_the_stop(void **state)
                      -ECANCELED);
     fclose(in);
     assert_int_equal(r.lines, N);
+    assert_int_equal(r.entries, N);
     assert_int_equal(r.imported, 250000);
     assert_int_equal(r.not_imported, N - 250000);
     suppress_stats(f->s, &ss);
@@ -841,6 +843,86 @@ test_import_of_two_line_records_cut_while_read(void **state)
     struct suppress_stats ss;
     suppress_stats(f->s, &ss);
     assert_int_equal(ss.entries, 0);
+}
+
+/* The stop of the tests of the sort: it counts its looks once the file is
+ * read whole (feof) and before the list holds anything (the first
+ * transaction), and is true at the stop_at-th of those (0: never). */
+struct sort_stop {
+    struct suppress *s;
+    FILE *in;
+    unsigned stop_at;
+    unsigned looks; /* after the read, before the first transaction */
+};
+
+static bool
+sort_stop_at(void *arg)
+{
+    struct sort_stop *st = arg;
+    struct suppress_stats ss;
+    suppress_stats(st->s, &ss);
+    if (!feof(st->in) || ss.entries > 0)
+        return false;
+    st->looks++;
+    return st->stop_at != 0 && st->looks == st->stop_at;
+}
+
+/* The sort is cut by the stop: qsort_r of the whole file, after its read,
+ * was asked nothing (2 million lines: a second and more), and the stop
+ * waited for it; it is now asked every 65,536 records sorted or merged.
+ * A stop during the sort writes nothing. The sort in
+ * runs and merges keeps the order and the later line of a key. */
+static void
+test_import_sort_cut_by_the_stop(void **state)
+{
+    struct fix *f = *state;
+    enum { N = 300000, HALF = N / 2 };
+    size_t cap = (size_t)N * 40, len = 0;
+    char *csv = malloc(cap);
+    assert_non_null(csv);
+    /* each address twice, in runs of the sort apart: backwards as
+     * manual, then in another order as complaint (the later wins) */
+    for (unsigned i = 0; i < HALF; i++)
+        len +=
+            (size_t)snprintf(csv + len, cap - len, "u%06u@sort.example,,manual,,,\n", HALF - 1 - i);
+    for (unsigned i = 0; i < HALF; i++)
+        len += (size_t)snprintf(csv + len, cap - len, "u%06u@sort.example,,complaint,,,\n",
+                                (unsigned)(((uint64_t)i * 7919) % HALF));
+    struct sort_stop st = {.s = f->s, .stop_at = 2};
+    struct suppress_import_result r;
+    st.in = fmemopen(csv, len, "r");
+    assert_non_null(st.in);
+    assert_int_equal(suppress_import_csv(f->s, st.in, sort_stop_at, &st, &r), -ECANCELED);
+    fclose(st.in);
+    /* before: looked at once after the read (the first transaction's,
+     * the sort done), and the import went through whole */
+    assert_int_equal(r.imported, 0);
+    assert_int_equal(st.looks, 2);
+    assert_int_equal(r.not_imported, N); /* the records read */
+    assert_int_equal(r.lines, N);
+    struct suppress_stats ss;
+    suppress_stats(f->s, &ss);
+    assert_int_equal(ss.entries, 0);
+    /* never stopped: asked once per run sorted at least (before: once,
+     * at the first transaction) */
+    st = (struct sort_stop){.s = f->s};
+    st.in = fmemopen(csv, len, "r");
+    assert_non_null(st.in);
+    assert_int_equal(suppress_import_csv(f->s, st.in, sort_stop_at, &st, &r), 0);
+    fclose(st.in);
+    free(csv);
+    assert_true(st.looks >= N / 65536 + 1);
+    assert_int_equal(r.entries, HALF);
+    assert_int_equal(r.imported, HALF);
+    suppress_stats(f->s, &ss);
+    assert_int_equal(ss.entries, HALF);
+    for (unsigned i = 0; i < HALF; i += 997) {
+        char a[64];
+        snprintf(a, sizeof(a), "u%06u@sort.example", i);
+        struct suppress_entry e;
+        assert_int_equal(suppress_check(f->s, NULL, a, &e), 1);
+        assert_int_equal(e.reason, SUPPRESS_COMPLAINT);
+    }
 }
 
 static void
@@ -1486,6 +1568,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_import_cut_by_the_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_import_of_two_line_records_cut_while_read, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_import_sort_cut_by_the_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation_off, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bounce_policy, setup, teardown),
