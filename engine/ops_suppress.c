@@ -458,19 +458,31 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
         fclose(f);
         uint64_t ms = clock_mono_ms() - t0;
         if (rc == -ECANCELED) {
+            /* not_imported counted once the file is read and sorted
+             * whole; cut before, none of it was written: "all" */
+            char left[24] = "all";
+            if (r.counted)
+                snprintf(left, sizeof(left), "%llu", (unsigned long long)r.not_imported);
             log_msg(LOG_WARN,
                     "event=suppress_import by=operator uid=%ld file=%s passed=%s lines=%llu "
-                    "imported=%llu not_imported=%llu skipped=%llu ms=%llu cut=stopping "
+                    "imported=%llu not_imported=%s skipped=%llu ms=%llu cut=stopping "
                     "note=run_the_same_import_again_to_complete_it",
                     who_uid(who), word, who->fd >= 0 ? "yes" : "no", (unsigned long long)r.lines,
-                    (unsigned long long)r.imported, (unsigned long long)r.not_imported,
-                    (unsigned long long)r.skipped, (unsigned long long)ms);
-            snprintf(err, errlen,
-                     "suppress: import of %s cut by sluice's stop after %llu lines read: %llu "
-                     "entries imported (the first in scope and address order), %llu not; run "
-                     "the same import again to complete it",
-                     word, (unsigned long long)r.lines, (unsigned long long)r.imported,
-                     (unsigned long long)r.not_imported);
+                    (unsigned long long)r.imported, left, (unsigned long long)r.skipped,
+                    (unsigned long long)ms);
+            if (r.counted)
+                snprintf(err, errlen,
+                         "suppress: import of %s cut by sluice's stop after %llu lines read: "
+                         "%llu entries imported (the first in scope and address order), %llu "
+                         "not; run the same import again to complete it",
+                         word, (unsigned long long)r.lines, (unsigned long long)r.imported,
+                         (unsigned long long)r.not_imported);
+            else
+                snprintf(err, errlen,
+                         "suppress: import of %s cut by sluice's stop while the file was read "
+                         "or sorted, after %llu lines read: nothing imported; run the same "
+                         "import again",
+                         word, (unsigned long long)r.lines);
             return -1;
         }
         log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,

@@ -233,12 +233,12 @@ long suppress_list(struct suppress *s, const char *scope, const char *after_scop
 struct suppress_import_result {
     uint64_t lines, imported, skipped; /* skipped: lines in error */
     uint64_t entries;      /* the file's entries: its keys (scope and address), each
-                            * counted once however many lines name it; counted once
-                            * the file is read and sorted whole (0 before) */
-    uint64_t not_imported; /* cut (-ECANCELED): entries read but not written, entries
-                            * - imported (cut while reading or sorting: the records
-                            * read, a key twice counted twice; the lines after `lines`
-                            * not read, not counted) */
+                            * counted once however many lines name it (if counted) */
+    bool counted;          /* the file read and sorted whole, entries counted: false
+                            * when cut before (-ECANCELED: nothing written) or failed */
+    uint64_t not_imported; /* cut (-ECANCELED) once counted: the entries not written,
+                            * entries - imported; cut before counted: 0 (none of the
+                            * file's entries written, and they are not all known) */
     unsigned long first_bad_line;      /* 0: none */
     char first_error[160];
 };

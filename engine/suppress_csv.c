@@ -476,7 +476,7 @@ suppress_import_csv(struct suppress *s, FILE *in, bool (*stop)(void *arg), void 
         if (stop != NULL && res->lines >= look_at) {
             look_at = res->lines + IMPORT_STOP_LINES;
             if (stop(arg)) {
-                rc = -ECANCELED; /* nothing written: what was read is not_imported */
+                rc = -ECANCELED; /* nothing written */
                 res->lines--;    /* this line not taken */
                 break;
             }
@@ -581,8 +581,7 @@ suppress_import_csv(struct suppress *s, FILE *in, bool (*stop)(void *arg), void 
         rc = -EIO;
     if (rc == 0)
         rc = arena_sort(&a, stop, arg, &res->entries);
-    if (rc == -ECANCELED)
-        res->not_imported = a.n; /* nothing written: what was read */
+    res->counted = rc == 0; /* cut before: nothing written, the entries not all known */
     if (rc == 0 && a.n > 0) {
         for (size_t from = 0; from < a.n && rc == 0;) {
             if (stop != NULL && stop(arg)) {

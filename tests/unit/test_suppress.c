@@ -5,9 +5,10 @@
  * the bounce hook's policy, feeds from several threads committed by the
  * writer thread, list paging, CSV import and export (quoting, bad lines,
  * duplicates, replacement of stored entries, an import cut by the stop
- * while read, sorted or written), that entries survive a
- * close and reopen, and that a note the spool holds (a bounce's entry)
- * stays there while the list cannot be written.
+ * while read, sorted or written, its entries not imported counted once
+ * each), that entries survive a close and reopen, and that a note the
+ * spool holds (a bounce's entry) stays there while the list cannot be
+ * written.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -781,7 +782,8 @@ test_import_cut_by_the_stop(void **state)
     assert_int_equal(st.asked, 1);
     assert_int_equal(r.lines, 65535);
     assert_int_equal(r.imported, 0);
-    assert_int_equal(r.not_imported, 65535);
+    assert_false(r.counted); /* the file not read whole: its entries not known */
+    assert_int_equal(r.not_imported, 0);
     struct suppress_stats ss;
     suppress_stats(f->s, &ss);
     assert_int_equal(ss.entries, 0);
@@ -793,6 +795,7 @@ test_import_cut_by_the_stop(void **state)
                      -ECANCELED);
     fclose(in);
     assert_int_equal(r.lines, N);
+    assert_true(r.counted);
     assert_int_equal(r.entries, N);
     assert_int_equal(r.imported, 250000);
     assert_int_equal(r.not_imported, N - 250000);
@@ -838,11 +841,64 @@ test_import_of_two_line_records_cut_while_read(void **state)
     /* asked at line 65,537, the first of record 32,769: not taken */
     assert_int_equal(r.lines, 65536);
     assert_int_equal(r.imported, 0);
-    assert_int_equal(r.not_imported, 32768);
+    assert_false(r.counted);
+    assert_int_equal(r.not_imported, 0);
     assert_int_equal(r.skipped, 0);
     struct suppress_stats ss;
     suppress_stats(f->s, &ss);
     assert_int_equal(ss.entries, 0);
+}
+
+/* An import cut counts each entry not imported once, however many lines
+ * name it: cut while the file was read, not_imported counted the
+ * records read, an address on two lines twice (and the lines not read
+ * not at all): nothing is written then, and the answer says so rather
+ * than a count (counted false, not_imported 0). Cut between
+ * transactions, the entries of the file (its keys) less those written. */
+static void
+test_import_cut_counts_each_entry_once(void **state)
+{
+    struct fix *f = *state;
+    enum { N = 600000 }; /* 300,000 addresses, each on two lines in a row */
+    size_t cap = (size_t)N * 40, len = 0;
+    char *csv = malloc(cap);
+    assert_non_null(csv);
+    for (unsigned i = 0; i < N; i++) /* the later line of each: complaint */
+        len += (size_t)snprintf(csv + len, cap - len, "u%06u@dup.example,,%s,,,\n", i / 2,
+                                i % 2 ? "complaint" : "manual");
+    struct import_stop st = {.s = f->s, .always = true};
+    struct suppress_import_result r;
+    FILE *in = fmemopen(csv, len, "r");
+    assert_non_null(in);
+    assert_int_equal(suppress_import_csv(f->s, in, import_stop_once_written, &st, &r),
+                     -ECANCELED);
+    fclose(in);
+    assert_int_equal(r.lines, 65535);
+    assert_int_equal(r.imported, 0);
+    assert_int_equal(r.not_imported, 0); /* was 65,535: the records read */
+    assert_false(r.counted);
+    /* cut once the first transaction is in: the keys left, once each */
+    st = (struct import_stop){.s = f->s};
+    in = fmemopen(csv, len, "r");
+    assert_non_null(in);
+    assert_int_equal(suppress_import_csv(f->s, in, import_stop_once_written, &st, &r),
+                     -ECANCELED);
+    fclose(in);
+    assert_int_equal(r.lines, N);
+    assert_true(r.counted);
+    assert_int_equal(r.entries, N / 2);
+    assert_int_equal(r.imported, 125000); /* a transaction: 250,000 lines' records */
+    assert_int_equal(r.not_imported, N / 2 - 125000);
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->s, NULL, "u124999@dup.example", &e), 1);
+    assert_int_equal(e.reason, SUPPRESS_COMPLAINT);
+    assert_int_equal(suppress_check(f->s, NULL, "u125000@dup.example", NULL), 0);
+    import_csv(f, csv, len, &r);
+    free(csv);
+    assert_true(r.counted);
+    assert_int_equal(r.entries, N / 2);
+    assert_int_equal(r.imported, N / 2);
+    assert_int_equal(r.not_imported, 0);
 }
 
 /* The stop of the tests of the sort: it counts its looks once the file is
@@ -870,7 +926,7 @@ sort_stop_at(void *arg)
 /* The sort is cut by the stop: qsort_r of the whole file, after its read,
  * was asked nothing (2 million lines: a second and more), and the stop
  * waited for it; it is now asked every 65,536 records sorted or merged.
- * A stop during the sort writes nothing. The sort in
+ * A stop during the sort writes nothing (counted false). The sort in
  * runs and merges keeps the order and the later line of a key. */
 static void
 test_import_sort_cut_by_the_stop(void **state)
@@ -898,7 +954,8 @@ test_import_sort_cut_by_the_stop(void **state)
      * the sort done), and the import went through whole */
     assert_int_equal(r.imported, 0);
     assert_int_equal(st.looks, 2);
-    assert_int_equal(r.not_imported, N); /* the records read */
+    assert_false(r.counted);
+    assert_int_equal(r.not_imported, 0);
     assert_int_equal(r.lines, N);
     struct suppress_stats ss;
     suppress_stats(f->s, &ss);
@@ -912,6 +969,7 @@ test_import_sort_cut_by_the_stop(void **state)
     fclose(st.in);
     free(csv);
     assert_true(st.looks >= N / 65536 + 1);
+    assert_true(r.counted);
     assert_int_equal(r.entries, HALF);
     assert_int_equal(r.imported, HALF);
     suppress_stats(f->s, &ss);
@@ -1567,6 +1625,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_purge_in_batches, setup, teardown),
         cmocka_unit_test_setup_teardown(test_import_cut_by_the_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_import_of_two_line_records_cut_while_read, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_import_cut_counts_each_entry_once, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_import_sort_cut_by_the_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
