@@ -78,6 +78,28 @@ import_stop(void *arg)
     return atomic_load(&e->stopping);
 }
 
+/* End the message in err with " (file PATH)": after the counts, which
+ * always arrive, PATH cut at its start when the whole would not fit
+ * errlen (led by "...", at a character's start: its end, the file's own
+ * name, is kept). A path is up to 4,096 octets, errlen 1,024 (stats_cmd):
+ * put first, a path of 830 octets pushed an import's counts out. */
+static void
+err_file(char *err, size_t errlen, const char *path)
+{
+    size_t used = strnlen(err, errlen), len = strlen(path);
+    const size_t frame = sizeof(" (file )") - 1, cut = sizeof("...") - 1;
+    if (used + frame + len < errlen) {
+        snprintf(err + used, errlen - used, " (file %s)", path);
+        return;
+    }
+    if (used + frame + cut + 1 >= errlen)
+        return; /* not a character of it fits */
+    const char *tail = path + len - (errlen - 1 - used - frame - cut);
+    while (((unsigned char)*tail & 0xc0) == 0x80)
+        tail++; /* a UTF-8 character's continuation: begun in the part cut */
+    snprintf(err + used, errlen - used, " (file ...%s)", tail);
+}
+
 /* The file of "suppress import" (wr false) or "export" (wr true), as a
  * descriptor of its own (close-on-exec; the caller closes it): a dup of
  * the one the client passed, or, for root and sluice's own user alone,
@@ -463,37 +485,41 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
             char left[24] = "all";
             if (r.counted)
                 snprintf(left, sizeof(left), "%llu", (unsigned long long)r.not_imported);
+            /* the file last: a long path cut off the log line (2,048
+             * octets, truncated=1) takes none of the counts with it */
             log_msg(LOG_WARN,
-                    "event=suppress_import by=operator uid=%ld file=%s passed=%s lines=%llu "
-                    "imported=%llu not_imported=%s skipped=%llu ms=%llu cut=stopping "
-                    "note=run_the_same_import_again_to_complete_it",
-                    who_uid(who), word, who->fd >= 0 ? "yes" : "no", (unsigned long long)r.lines,
-                    (unsigned long long)r.imported, left, (unsigned long long)r.skipped,
-                    (unsigned long long)ms);
+                    "event=suppress_import by=operator uid=%ld lines=%llu imported=%llu "
+                    "not_imported=%s skipped=%llu ms=%llu cut=stopping "
+                    "note=run_the_same_import_again_to_complete_it passed=%s file=%s",
+                    who_uid(who), (unsigned long long)r.lines, (unsigned long long)r.imported, left,
+                    (unsigned long long)r.skipped, (unsigned long long)ms,
+                    who->fd >= 0 ? "yes" : "no", word);
             if (r.counted)
                 snprintf(err, errlen,
-                         "suppress: import of %s cut by sluice's stop after %llu lines read: "
-                         "%llu entries imported (the first in scope and address order), %llu "
-                         "not; run the same import again to complete it",
-                         word, (unsigned long long)r.lines, (unsigned long long)r.imported,
+                         "suppress: import cut by sluice's stop after %llu lines read: %llu "
+                         "entries imported (the first in scope and address order), %llu not; "
+                         "run the same import again to complete it",
+                         (unsigned long long)r.lines, (unsigned long long)r.imported,
                          (unsigned long long)r.not_imported);
             else
                 snprintf(err, errlen,
-                         "suppress: import of %s cut by sluice's stop while the file was read "
-                         "or sorted, after %llu lines read: nothing imported; run the same "
-                         "import again",
-                         word, (unsigned long long)r.lines);
+                         "suppress: import cut by sluice's stop while the file was read or "
+                         "sorted, after %llu lines read: nothing imported; run the same import "
+                         "again",
+                         (unsigned long long)r.lines);
+            err_file(err, errlen, word);
             return -1;
         }
         log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,
-                "event=suppress_import by=operator uid=%ld file=%s passed=%s lines=%llu "
-                "imported=%llu skipped=%llu ms=%llu%s%s",
-                who_uid(who), word, who->fd >= 0 ? "yes" : "no", (unsigned long long)r.lines,
-                (unsigned long long)r.imported, (unsigned long long)r.skipped,
-                (unsigned long long)ms, rc < 0 ? " err=" : "", rc < 0 ? strerror(-rc) : "");
+                "event=suppress_import by=operator uid=%ld lines=%llu imported=%llu "
+                "skipped=%llu ms=%llu%s%s passed=%s file=%s",
+                who_uid(who), (unsigned long long)r.lines, (unsigned long long)r.imported,
+                (unsigned long long)r.skipped, (unsigned long long)ms, rc < 0 ? " err=" : "",
+                rc < 0 ? strerror(-rc) : "", who->fd >= 0 ? "yes" : "no", word);
         if (rc < 0) {
-            snprintf(err, errlen, "suppress: import of %s failed after %llu entries: %s", word,
+            snprintf(err, errlen, "suppress: import failed after %llu entries: %s",
                      (unsigned long long)r.imported, strerror(-rc));
+            err_file(err, errlen, word);
             return -1;
         }
         json_obj_begin(out);

@@ -54,7 +54,7 @@ do_engine(struct stats_cmd *q, const char *verb, const char *args, const struct 
         stats_answer_error(out, b);
         return;
     }
-    char err[1024] = ""; /* a path and counts fit (suppress import's cut) */
+    char err[1024] = ""; /* suppress import's counts, then its path (cut to fit) */
     struct json *r = &q->scratch;
     json_reset(r);
     int rc = q->ops.command(q->ops.arg, verb, args, who, r, err, sizeof(err));

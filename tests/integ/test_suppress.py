@@ -1127,13 +1127,18 @@ def test_stop_ends_an_import_at_its_next_transaction():
     sluicectl is told (exit 1) how many entries went in, whole
     transactions, the first in address order, and that the rest did not;
     the log says so (event=suppress_import cut=stopping); the same import
-    after the restart completes the list."""
+    after the restart completes the list. The file's path is longer than
+    the answer's 1,024 octets: the counts come before it, its start cut
+    (it came first, and a path of 830 octets pushed the counts out)."""
     import time
     n, batch = 2_000_000, 250_000
     r = Relay(records_for(["imp.test"]), domain_conf=conf())
     cfg = os.path.join(r.wd.path, "sluice.conf")
-    src = os.path.join(r.wd.path, "big.csv")
+    deep = os.path.join(r.wd.path, *(f"{i}" + "d" * 199 for i in range(6)))
+    src = os.path.join(deep, "big.csv")
     try:
+        os.makedirs(deep)
+        assert len(src) > 1200, len(src)
         with open(src, "w") as f:
             f.writelines(f"u{i:07d}@imp.test,,hard_bounce,,,n{i}\n" for i in range(n))
         p = subprocess.Popen([SLUICECTL, "-s", r.dlog + SOCK_SUFFIX, "--json", "suppress",
@@ -1173,6 +1178,12 @@ def test_stop_ends_an_import_at_its_next_transaction():
         imported, left = int(f["imported"]), int(f["not_imported"])
         assert imported % batch == 0 and 0 < imported < n, logged
         assert imported + left == n and f"{imported} entries imported" in err, (logged, err)
+        assert f"{left} not;" in err, err
+        # the path last, its start cut to fit: the file's own name kept
+        line = err.strip()
+        assert line.endswith("d" * 150 + "/big.csv)") and " (file ..." in line, line
+        assert len(line.encode()) < 1024 + len("sluicectl: "), len(line)
+        assert logged.endswith("file=" + os.path.realpath(src)), logged
         # the next start: whole transactions, the first in address order
         r.d = Sluice(SLUICE, cfg)
         r.d.wait_log("event=ready")
