@@ -412,18 +412,13 @@ on_txt(void *arg, enum dns_status status, const char *why, const char *const *tx
         check_id(c->m, c, id);
 }
 
+/* c, taken off the queue by sts_check_next and counted there (in flight,
+ * a check if its TXT record is to be asked), starts. known and id: read
+ * under that lock. */
 static void
-check_start(struct mta_sts *m, struct sts_check *c)
+check_start(struct mta_sts *m, struct sts_check *c, bool known, const char *id)
 {
-    char id[33];
     check_run(m, c);
-    pthread_mutex_lock(&m->lock);
-    m->st.inflight++;
-    bool known = c->txt_known; /* a worker asked the TXT record (mta_sts_txt_answer) */
-    memcpy(id, c->new_id, sizeof(id));
-    if (!known)
-        m->st.checks++;
-    pthread_mutex_unlock(&m->lock);
     if (known) {
         check_id(m, c, id);
         return;
@@ -445,15 +440,26 @@ sts_check_next(struct mta_sts *m)
     while (m->inflight < m->sc->max_fetches) {
         pthread_mutex_lock(&m->lock);
         struct sts_check *c = m->qhead;
+        bool known = false;
+        char id[33];
         if (c != NULL) {
             m->qhead = c->qnext;
             if (m->qhead == NULL)
                 m->qtail = NULL;
+            /* Queued to in flight in one step: counted apart, a reader
+             * of mta_sts_stats between the two saw neither queued nor in
+             * flight (nor the check counted) and took the store for
+             * idle while a check was starting. */
             m->st.queued--;
+            m->st.inflight++;
+            known = c->txt_known; /* a worker asked the TXT record (mta_sts_txt_answer) */
+            memcpy(id, c->new_id, sizeof(id));
+            if (!known)
+                m->st.checks++;
         }
         pthread_mutex_unlock(&m->lock);
         if (c == NULL)
             return;
-        check_start(m, c);
+        check_start(m, c, known, id);
     }
 }
