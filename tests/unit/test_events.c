@@ -34,6 +34,7 @@
 #include <cmocka.h>
 #include <hiredis/hiredis.h>
 
+#include "common/clock.h"
 #include "common/conf.h"
 #include "common/log.h"
 #include "engine/events.h"
@@ -1028,14 +1029,6 @@ test_line_put_alone_refused_is_told(void **state)
                  (unsigned long long)lost);
 }
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* A line put alone that the spool refuses is told (event=events_lost,
  * put_failed) when the pump drains the refusal from its port. The idle
  * pump waited for a commit on its condition variable, a second at a
@@ -1066,18 +1059,18 @@ test_refused_put_is_told_at_once(void **state)
         for (int i = 0; i < 10000 && atomic_load(&spool_writes_failed) == failed; i++)
             nanosleep(&(struct timespec){0, 1000000}, NULL);
         atomic_store(&fail_spool_writes, false); /* its removal works: refused */
-        uint64_t ready = 0, t0 = mono_ms(), now = t0;
+        uint64_t ready = 0, t0 = clock_mono_ms(), now = t0;
         while ((told = (unsigned)atomic_load(&ev->put_failed)) == round && now - t0 < 10000) {
             if (ready == 0 && poll(&pf, 1, 1) == 1)
-                ready = mono_ms(); /* the refusal waits in the port */
+                ready = clock_mono_ms(); /* the refusal waits in the port */
             else if (ready != 0)
                 nanosleep(&(struct timespec){0, 1000000}, NULL);
-            now = mono_ms();
+            now = clock_mono_ms();
         }
         if (told == round)
             break;
-        if (ready != 0 && mono_ms() - ready > worst)
-            worst = mono_ms() - ready;
+        if (ready != 0 && clock_mono_ms() - ready > worst)
+            worst = clock_mono_ms() - ready;
     }
     events_free(ev);
     sink_cfg_fini(&c);
@@ -1109,13 +1102,13 @@ test_gather_takes_its_whole_time(void **state)
     pthread_mutex_lock(&ev->mu);
     uint64_t before = ev->appends;
     pthread_mutex_unlock(&ev->mu);
-    uint64_t t0 = mono_ms();
+    uint64_t t0 = clock_mono_ms();
     for (unsigned i = 0; i < 3; i++) {
         if (i > 0) /* spaced out: each after the pump has seen the one before */
             nanosleep(&(struct timespec){0, 50000000}, NULL);
         put_lines(20 + i, 1); /* a commit each, waited for */
     }
-    uint64_t took = mono_ms() - t0;
+    uint64_t took = clock_mono_ms() - t0;
     /* the lines are in the journal's file before its fdatasync, and the
      * append is counted after it, then the spool trimmed: the count is
      * read once the trim is done */
@@ -1302,9 +1295,9 @@ test_stop_abandons_a_redis_request(void **state)
     int conn = accept(lfd, NULL, NULL);
     assert_true(conn >= 0);
     wait_readable(conn); /* its PING: it waits for the answer */
-    uint64_t t0 = mono_ms();
+    uint64_t t0 = clock_mono_ms();
     events_free(ev);
-    uint64_t took = mono_ms() - t0;
+    uint64_t took = clock_mono_ms() - t0;
     close(conn);
     close(lfd);
     sink_cfg_fini(&c);

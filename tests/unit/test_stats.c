@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/json.h"
 #include "engine/stats.h"
 
@@ -698,14 +699,6 @@ sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 static void
 test_rates(void **state)
 {
@@ -796,7 +789,7 @@ test_rates_window_after_a_late_sample(void **state)
     assert_true(held);
     double shortest = 1e9;
     unsigned answers = 0;
-    for (uint64_t until = mono_ms() + 2500; mono_ms() < until; answers++) {
+    for (uint64_t until = clock_mono_ms() + 2500; clock_mono_ms() < until; answers++) {
         struct jv *v = conn_ask(c, "stats");
         struct jv *w1 = jget(v, "rates.1s.window_ms");
         assert_non_null(w1);
@@ -1930,7 +1923,7 @@ trickle_thread(void *arg)
     static const char ctl_req[] = "stats";
     static const char http_req[] = "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: ";
     for (;;) {
-        uint64_t now = mono_ms();
+        uint64_t now = clock_mono_ms();
         unsigned open = 0;
         for (int i = 0; i < 2 * TRICKLERS; i++) {
             struct trickler *t = &r->t[i];
@@ -1990,7 +1983,7 @@ test_tricklers(void **state)
     for (int i = 0; i < 2 * TRICKLERS; i++) {
         struct trickler *t = &r->t[i];
         t->http = i % 2 == 0;
-        t->opened = mono_ms();
+        t->opened = clock_mono_ms();
         if (t->http) {
             t->fd = http_connect(fx);
         } else {
@@ -1999,7 +1992,7 @@ test_tricklers(void **state)
             conn_close(c);
         }
     }
-    r->until = mono_ms() + STATS_REQUEST_MS + 10000;
+    r->until = clock_mono_ms() + STATS_REQUEST_MS + 10000;
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, trickle_thread, r), 0);
     /* every trickler has sent octets by now; ask as an operator would */
@@ -2019,7 +2012,7 @@ test_tricklers(void **state)
         struct trickler *t = &r->t[i];
         if (t->closed == 0)
             fail_msg("trickler %d (%s) still open after %u ms, %zu octets sent", i,
-                     t->http ? "http" : "socket", (unsigned)(mono_ms() - t->opened), t->sent);
+                     t->http ? "http" : "socket", (unsigned)(clock_mono_ms() - t->opened), t->sent);
         uint64_t held = t->closed - t->opened;
         if (t->evicted) {
             evicted[t->http]++;
