@@ -1429,12 +1429,24 @@ def test_stop_ends_a_bounce_waiting_for_its_commits():
     told why). A command queued behind the bounce, never run, is told
     so."""
     with a_bounce_waiting(stats_conf("[server]\ndrain_timeout = 1s\n")) as (r, bounce), \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as queued:
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as queued, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         queued.settimeout(30)
         queued.connect(sock_of(r))
-        # read by the stats thread long before the stop reaches it: the
-        # drain comes first (1 s, the transaction held for 14)
         queued.sendall(b"queue 1\n")
+        # The command must have been read by the stats thread before the
+        # stop ends that thread (a command never read is never answered:
+        # its client is closed). That was left to the drain's 1 s, which a
+        # loaded machine can outlast. A stats asked on a second connection,
+        # made and written after the first, is answered by the stats
+        # thread in a pass of its poll loop that saw the first readable
+        # too (accepted in order, its octets there first), and that pass
+        # is finished before the stop's wake is heard: once the stats
+        # answer is here, "queue 1" is queued behind the bounce.
+        probe.settimeout(30)
+        probe.connect(sock_of(r))
+        probe.sendall(b"stats\n")
+        assert probe.makefile("rb").readline(), "no answer to stats"
         t0 = time.monotonic()
         r.d.signal(signal.SIGTERM)
         try:
