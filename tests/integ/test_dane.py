@@ -300,12 +300,15 @@ stub-zone:
             raise AssertionError("unbound would not start: " +
                                  open(f"{p}/unbound.log").read()[-500:])
         # The setup itself: validated where signed, not where not, bogus
-        # where broken. Otherwise the tests below prove nothing.
-        r = dns_query(self.port, "_25._tcp.mx-ee.dane.test", 52)
+        # where broken. Otherwise the tests below prove nothing. Each is
+        # a fresh validation (unbound asks nsd for the chain; cache-max-ttl
+        # is 1 s): 10 s for its answer, not the 0.5 s of the polls above,
+        # which a loaded machine outlasts (no answer read as a wrong one).
+        r = dns_query(self.port, "_25._tcp.mx-ee.dane.test", 52, timeout=10)
         assert r is not None and r[0] == 0 and r[1] and r[2] == 3, f"TLSA of mx-ee: {r}"
-        r = dns_query(self.port, "_25._tcp.mx.plain.test", 52)
+        r = dns_query(self.port, "_25._tcp.mx.plain.test", 52, timeout=10)
         assert r is not None and r[0] == 0 and not r[1] and r[2] == 1, f"TLSA of plain: {r}"
-        r = dns_query(self.port, "_25._tcp.mx-bogus.dane.test", 52)
+        r = dns_query(self.port, "_25._tcp.mx-bogus.dane.test", 52, timeout=10)
         assert r is not None and r[0] == 2, f"TLSA of mx-bogus should be SERVFAIL: {r}"
 
     def close(self):
