@@ -98,6 +98,10 @@ class Node:
         self.port = free_port()
         self.sock = os.path.join(wd.path, f"{name}-stats.sock")
         self.dlog = os.path.join(wd.path, f"{name}-delivery.jsonl")
+        # [redis] timeout 2 s: a real redis-server on a loaded machine may
+        # answer later than 500 ms, and a node then took Redis for down
+        # (its state "unreachable", its actions kept local) with Redis
+        # there; a Redis killed is seen by its connections' end
         self.conf = wd.file(f"{name}.conf", f"""
 [server]
 workers = 2
@@ -120,7 +124,7 @@ servers = 127.0.0.1:{dns_port}
 dsn = no
 [redis]
 url = redis://127.0.0.1:{redis_port}
-timeout = 500ms
+timeout = 2s
 [log]
 delivery_log = {os.path.join(wd.path, name + "-delivery.jsonl")}
 delivery_log_flush = 50ms
