@@ -1116,7 +1116,10 @@ config_reference(FILE *out)
                  "(that host). They hold on top of each domain's own; the first matching "
                  "section wins. With [redis] url they hold across all nodes; without, they "
                  "are split between the workers, the parts adding up to the whole (the "
-                 "domains behind one MX are spread over the workers). A section a reload "
+                 "domains behind one MX are spread over the workers; each domain's mail "
+                 "goes from one worker, which holds its part only: a cap of 2 over two "
+                 "workers gives one domain 1 connection, however much it has queued). "
+                 "A section a reload "
                  "adds holds for the connections already open too: each takes a slot of it "
                  "at its next transaction, or ends after the one it is in (with [redis] it "
                  "ends, and its domain asks for a slot as a new connection does).\n\n");
