@@ -1142,6 +1142,9 @@ engine_stop(struct engine *e)
     e->gens = config_gens_free(e->gens);
     free(e->gens_msgs);
     e->gens_msgs = NULL;
+    /* Its join waits for a reopen under way: the log's open(2), on a disk
+     * that may hang as the spool's does (a stop_stuck names this step). */
+    STOP_STAGE("sighup_taker");
     if (hup_taken)
         engine_stop_hup_end(&hup);
     if (watched)

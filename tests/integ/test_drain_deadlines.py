@@ -406,10 +406,33 @@ def test_sighups_through_the_whole_stop():
         assert "event=stopped exit=0" in lines[-1], lines[-3:]
 
 
+def test_a_stop_stuck_at_its_sighup_takers_join_names_it():
+    """The stop's last step joins its taker of SIGHUP, which may be in a
+    reopen of the log (an open(2) on a disk that hangs, as the spool's
+    may): the stop watch still bounds it, and its event=stop_stuck named
+    the step before (warmup), not this one. The test hook stalls the stop
+    there (SLUICE_TEST_STOP_STALL=sighup_taker; bound 3 s): a SIGHUP then
+    is still taken (reason=stopping), and the watch gives the stop up
+    naming the step, exit 70."""
+    with sluice(workers=1, exits=70, env={"SLUICE_TEST_STOP_STALL": "sighup_taker",
+                                          "SLUICE_TEST_STOP_BOUND_MS": "3000"}) as d:
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=test_hook name=SLUICE_TEST_STOP_STALL stage=sighup_taker")
+        d.signal(signal.SIGHUP)
+        ignored = d.wait_log("event=reload_ignored", timeout=10)
+        assert d.proc.wait(30) == 70, d.lines[-20:]
+        d.reader.join(5)
+        assert dict(log_fields(ignored)).get("reason") == "stopping", ignored
+        stuck = d.log_lines("event=stop_stuck")
+        assert len(stuck) == 1, d.lines[-20:]
+        assert "waited_ms=3000 stage=sighup_taker exit=70" in stuck[0], stuck
+
+
 if __name__ == "__main__":
     main([test_drain_keeps_a_closing_sessions_earlier_deadline,
           test_drain_timeout_is_a_time_on_the_clock, test_a_second_sigterm_ends_the_drain,
           test_a_sighup_during_the_drain_is_logged_not_done,
           test_logs_rotated_during_the_drain_are_reopened,
           test_a_sighup_during_the_stop_is_logged_and_reopens_the_logs,
-          test_sighups_through_the_whole_stop])
+          test_sighups_through_the_whole_stop,
+          test_a_stop_stuck_at_its_sighup_takers_join_names_it])
