@@ -82,7 +82,9 @@ import_stop(void *arg)
  * always arrive, PATH cut at its start when the whole would not fit
  * errlen (led by "...", at a character's start: its end, the file's own
  * name, is kept). A path is up to 4,096 octets, errlen 1,024 (stats_cmd):
- * put first, a path of 830 octets pushed an import's counts out. */
+ * put first, a path of 830 octets pushed an import's counts out, and one
+ * of 1,000 the reason a file was refused (not found, not a regular
+ * file): every error naming the file ends with it. */
 static void
 err_file(char *err, size_t errlen, const char *path)
 {
@@ -151,18 +153,21 @@ sup_file(const struct stats_caller *who, const char *sub, const char *word, bool
         fd = wr ? open(word, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640)
                 : open(word, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
         if (fd < 0) {
-            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            snprintf(err, errlen, "suppress: %s", strerror(errno));
+            err_file(err, errlen, word);
             return -1;
         }
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+        snprintf(err, errlen, "suppress: %s", strerror(errno));
+        err_file(err, errlen, word);
         close(fd);
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "suppress: %s: not a regular file", word);
+        snprintf(err, errlen, "suppress: not a regular file");
+        err_file(err, errlen, word);
         close(fd);
         return -1;
     }
@@ -170,7 +175,8 @@ sup_file(const struct stats_caller *who, const char *sub, const char *word, bool
      * new): over one passed with content, written from its offset, it
      * would leave the old tail after its lines */
     if (wr && st.st_size != 0) {
-        snprintf(err, errlen, "suppress export: %s: the file passed is not empty", word);
+        snprintf(err, errlen, "suppress export: the file passed is not empty");
+        err_file(err, errlen, word);
         close(fd);
         return -1;
     }
@@ -470,7 +476,8 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
             return -1;
         FILE *f = fdopen(fd, "r");
         if (f == NULL) {
-            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            snprintf(err, errlen, "suppress: %s", strerror(errno));
+            err_file(err, errlen, word);
             close(fd);
             return -1;
         }
@@ -538,7 +545,8 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
             return -1;
         FILE *f = fdopen(fd, "w");
         if (f == NULL) {
-            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            snprintf(err, errlen, "suppress: %s", strerror(errno));
+            err_file(err, errlen, word);
             close(fd);
             return -1;
         }
@@ -551,7 +559,8 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
                 who_uid(who), word, who->fd >= 0 ? "yes" : "no", scope ? scope : "all",
                 n < 0 ? 0 : n, n < 0 ? " err=" : "", n < 0 ? strerror((int)-n) : "");
         if (n < 0) {
-            snprintf(err, errlen, "suppress: export to %s failed: %s", word, strerror((int)-n));
+            snprintf(err, errlen, "suppress: export failed: %s", strerror((int)-n));
+            err_file(err, errlen, word);
             return -1;
         }
         json_obj_begin(out);

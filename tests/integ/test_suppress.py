@@ -612,6 +612,36 @@ def test_import_of_what_never_ends_is_refused():
         r.close()
 
 
+def test_file_errors_of_a_long_path_keep_their_reason():
+    """suppress import and export of a path sluice opens itself (root
+    names it): the reason of a refusal comes first and the path last,
+    its start cut to fit the answer's 1,024 octets, as an import's counts
+    do (ae46188). The path came first: one of 1,100 octets or more took
+    the reason (No such file or directory, not a regular file) out of
+    the answer."""
+    r = Relay(records_for(["bulk.test"]), with_sink=False, domain_conf=conf())
+    deep = os.path.join(r.wd.path, *(f"{i}" + "e" * 199 for i in range(6)))
+    fifo = os.path.join(deep, "list.fifo")
+    try:
+        os.makedirs(deep)
+        os.mkfifo(fifo)
+        missing = os.path.join(deep, "missing.csv")
+        for line, reason, name in ((f"suppress import {missing}", "No such file or directory",
+                                    "/missing.csv)"),
+                                   (f"suppress import {fifo}", "not a regular file",
+                                    "/list.fifo)"),
+                                   (f"suppress export {os.path.join(deep, 'no', 'out.csv')}",
+                                    "No such file or directory", "/no/out.csv)")):
+            got = stats_ask(r.dlog + SOCK_SUFFIX, line, timeout=20)
+            err = got.get("error", "")
+            assert got["ok"] is False and reason in err, (len(line), got)
+            assert err.endswith(name) and " (file ..." in err, err
+            assert len(err.encode()) < 1024, len(err.encode())
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 NOBODY = 65534  # a user that is neither root nor sluice's (the tests run as root)
 
 # A raw client of the stats socket, run as NOBODY: one request line,
@@ -1367,5 +1397,6 @@ if __name__ == "__main__":
           test_report_entry_survives_kill9, test_start_with_notes_and_a_failing_list,
           test_entry_of_a_quoted_local_part_with_a_blank,
           test_import_of_what_never_ends_is_refused,
+          test_file_errors_of_a_long_path_keep_their_reason,
           test_import_export_with_the_callers_rights,
           test_export_file_removed_when_no_answer_comes])
