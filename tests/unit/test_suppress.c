@@ -983,6 +983,57 @@ test_import_sort_cut_by_the_stop(void **state)
     }
 }
 
+/* The sort's runs of 65,536 records and their merges at the sizes about
+ * their edges (one run whole, one record past it, two runs and one past,
+ * three and a short fourth): each address on several lines scattered
+ * over the runs, the later line kept (manual or complaint by the line),
+ * each entry counted once in r.entries. */
+static void
+test_import_sort_at_the_edges_of_its_runs(void **state)
+{
+    struct fix *f = *state;
+    static const unsigned sizes[] = {1, 2, 65535, 65536, 65537, 131072, 131073, 200003};
+    for (size_t t = 0; t < sizeof(sizes) / sizeof(sizes[0]); t++) {
+        unsigned n = sizes[t], keys = n / 3 + 1;
+        size_t cap = (size_t)n * 48, len = 0;
+        char *csv = malloc(cap);
+        unsigned *last = malloc(keys * sizeof(*last));
+        assert_non_null(csv);
+        assert_non_null(last);
+        for (unsigned k = 0; k < keys; k++)
+            last[k] = UINT32_MAX;
+        unsigned distinct = 0;
+        for (unsigned i = 0; i < n; i++) {
+            unsigned k = (unsigned)(((uint64_t)i * 7919 + 13) % keys);
+            distinct += last[k] == UINT32_MAX;
+            last[k] = i;
+            len += (size_t)snprintf(csv + len, cap - len, "u%07u@e%u.example,,%s,,,\n", k, n,
+                                    i % 2 ? "complaint" : "manual");
+        }
+        struct suppress_import_result r;
+        import_csv(f, csv, len, &r);
+        free(csv);
+        assert_int_equal(r.lines, n);
+        assert_true(r.counted);
+        assert_int_equal(r.entries, distinct);
+        assert_int_equal(r.imported, distinct);
+        for (unsigned k = 0; k < keys; k++) {
+            char a[64];
+            snprintf(a, sizeof(a), "u%07u@e%u.example", k, n);
+            struct suppress_entry e;
+            if (last[k] == UINT32_MAX) {
+                assert_int_equal(suppress_check(f->s, NULL, a, NULL), 0);
+                continue;
+            }
+            assert_int_equal(suppress_check(f->s, NULL, a, &e), 1);
+            if (e.reason != (last[k] % 2 ? SUPPRESS_COMPLAINT : SUPPRESS_MANUAL))
+                fail_msg("%u lines: %s has not the reason of its last line (%u)", n, a,
+                         last[k] + 1);
+        }
+        free(last);
+    }
+}
+
 static void
 test_normalisation(void **state)
 {
@@ -1629,6 +1680,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_import_cut_counts_each_entry_once, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_import_sort_cut_by_the_stop, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_import_sort_at_the_edges_of_its_runs, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation_off, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bounce_policy, setup, teardown),
