@@ -313,8 +313,9 @@ same_key(const struct arena *a, size_t off1, size_t off2)
  * looking at the stop every SORT_RUN records placed: runs of SORT_RUN
  * sorted by qsort_r, then merged two by two. *keys: the distinct keys
  * (each counted once however many lines name it), counted in the last
- * merge. 0, -ECANCELED (the stop: the order is then no order, and
- * nothing may be written from it) or -ENOMEM. */
+ * merge (without memory for the merge, one qsort_r of the whole, the
+ * stop not looked at). 0, or -ECANCELED (the stop: the order is then no
+ * order, and nothing may be written from it). */
 static int
 arena_sort(struct arena *a, bool (*stop)(void *arg), void *arg, uint64_t *keys)
 {
@@ -333,8 +334,16 @@ arena_sort(struct arena *a, bool (*stop)(void *arg), void *arg, uint64_t *keys)
         return 0;
     }
     size_t *src = a->off, *dst = malloc(n * sizeof(*dst));
-    if (dst == NULL)
-        return -ENOMEM;
+    if (dst == NULL) {
+        /* No room for the merge's second array: one sort of the whole, as
+         * before the runs (glibc's qsort_r finds room of its own or sorts
+         * in place), the stop not looked at meanwhile: slower to stop,
+         * not a failed import. */
+        qsort_r(a->off, n, sizeof(*a->off), off_cmp, a);
+        for (size_t i = 0; i < n; i++)
+            *keys += i == 0 || !same_key(a, a->off[i - 1], a->off[i]);
+        return 0;
+    }
     int rc = 0;
     for (size_t w = SORT_RUN; w < n && rc == 0; w *= 2) {
         bool last = w >= n - w; /* one merge of the two halves: the last */
