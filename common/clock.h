@@ -1,7 +1,8 @@
 /*
  * clock: the two clocks every part reads. Wall time (Unix ms) for what is
  * stored, logged or compared with stored times (arrival, due, expiry);
- * monotonic time for deadlines and intervals, which must not jump.
+ * monotonic time (ms, us or ns) for deadlines and intervals, which must
+ * not jump, and as struct timespec deadlines for condition variables.
  *
  * Threading: any thread.
  */
@@ -30,6 +31,25 @@ clock_mono_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/* CLOCK_MONOTONIC in microseconds. */
+static inline uint64_t
+clock_mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+/* CLOCK_MONOTONIC in nanoseconds: the worker loop's and the timers' time
+ * (engine/timer.h), and the DNS resolver's. */
+static inline uint64_t
+clock_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 /* A condition variable whose timed waits take monotonic deadlines
  * (clock_mono_deadline()): against CLOCK_REALTIME, pthread's default, a
  * wall clock stepped back an hour stretches a 2 s wait by that hour.
@@ -54,20 +74,35 @@ clock_cond_init_mono(pthread_cond_t *cv)
     return -rc;
 }
 
-/* The CLOCK_MONOTONIC time ms from now, for pthread_cond_timedwait() on a
- * condition variable made by clock_cond_init_mono(). */
+/* The CLOCK_MONOTONIC time sec seconds and nsec (< 1e9) nanoseconds from
+ * now: what clock_mono_deadline() and clock_mono_deadline_us() share. */
 static inline struct timespec
-clock_mono_deadline(uint64_t ms)
+clock_mono_after(time_t sec, long nsec)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    ts.tv_sec += sec;
+    ts.tv_nsec += nsec;
     if (ts.tv_nsec >= 1000000000L) {
         ts.tv_sec++;
         ts.tv_nsec -= 1000000000L;
     }
     return ts;
+}
+
+/* The CLOCK_MONOTONIC time ms from now, for pthread_cond_timedwait() on a
+ * condition variable made by clock_cond_init_mono(). */
+static inline struct timespec
+clock_mono_deadline(uint64_t ms)
+{
+    return clock_mono_after((time_t)(ms / 1000), (long)(ms % 1000) * 1000000L);
+}
+
+/* clock_mono_deadline() to the microsecond: us from now. */
+static inline struct timespec
+clock_mono_deadline_us(uint64_t us)
+{
+    return clock_mono_after((time_t)(us / 1000000), (long)(us % 1000000) * 1000L);
 }
 
 #endif

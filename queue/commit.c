@@ -64,6 +64,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/hash.h"
 #include "common/log.h"
 #include "queue/queue_int.h"
@@ -77,14 +78,6 @@
 #define DROP_RETRY_MAX_US 5000000
 
 /* ---- the committer ---- */
-
-static uint64_t
-mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
 
 static bool
 lmdb_space_err(int rc)
@@ -191,7 +184,7 @@ msg_check(struct queue *q, MDB_txn *txn, struct queue_req *r, bool *refuse)
 static int
 commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req **enq, size_t ne)
 {
-    uint64_t t0 = mono_us();
+    uint64_t t0 = clock_mono_us();
     MDB_txn *txn;
     int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
     if (rc != 0)
@@ -326,7 +319,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         q->since_free = 0;
     else if (q->since_free < 2)
         q->since_free++;
-    uint64_t us = mono_us() - t0;
+    uint64_t us = clock_mono_us() - t0;
     q->last_commit_us = us;
     counter_add(&q->st.commits, 1);
     counter_add(&q->st.enqueued, t.enq);
@@ -652,7 +645,7 @@ drop_unconfirmed(struct queue *q)
     q->drop_backoff_us = backoff == 0                   ? DROP_RETRY_MIN_US
                          : backoff > DROP_RETRY_MAX_US ? DROP_RETRY_MAX_US
                                                        : backoff;
-    q->drop_retry_us = mono_us() + q->drop_backoff_us;
+    q->drop_retry_us = clock_mono_us() + q->drop_backoff_us;
     int err = queue_lmdb_err(rc);
     note_failure(q, err);
     /* the sync that was to confirm the pending commit's meta page */
@@ -998,17 +991,11 @@ gather(struct queue *q)
     uint64_t cap = q->last_commit_us < 200    ? 200
                    : q->last_commit_us > 2000 ? 2000
                                               : q->last_commit_us;
-    uint64_t end = mono_us() + cap;
+    uint64_t end = clock_mono_us() + cap;
     q->gathering = true;
-    while (q->in_count < q->gather_target && !q->stopping && mono_us() < end) {
+    while (q->in_count < q->gather_target && !q->stopping && clock_mono_us() < end) {
         size_t before = q->in_count;
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_nsec += GATHER_GAP_US * 1000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
+        struct timespec ts = clock_mono_deadline_us(GATHER_GAP_US);
         q->idle = true;
         pthread_cond_timedwait(&q->cond, &q->mu, &ts);
         q->idle = false;
@@ -1024,14 +1011,10 @@ gather(struct queue *q)
 static bool
 drop_wait(struct queue *q)
 {
-    uint64_t now = mono_us();
+    uint64_t now = clock_mono_us();
     if (now >= q->drop_retry_us)
         return true;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t ns = (uint64_t)ts.tv_nsec + (q->drop_retry_us - now) * 1000;
-    ts.tv_sec += (time_t)(ns / 1000000000);
-    ts.tv_nsec = (long)(ns % 1000000000);
+    struct timespec ts = clock_mono_deadline_us(q->drop_retry_us - now);
     q->idle = true;
     pthread_cond_timedwait(&q->cond, &q->mu, &ts);
     q->idle = false;
