@@ -399,14 +399,6 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
 
 /* ---- the sink thread ---- */
 
-uint64_t
-events_mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* Wait on ev->cond until the monotonic deadline (ms) or a signal; mu held. */
 void
 events_wait_until(struct events *ev, uint64_t deadline_ms)
@@ -634,7 +626,7 @@ sink_main(void *arg)
             first_seen = 0;
             uint64_t seen = ev->appends;
             while (!SINK_STOP(s) && seen == ev->appends && !s->st.paused) {
-                events_wait_until(ev, events_mono_ms() + 1000);
+                events_wait_until(ev, clock_mono_ms() + 1000);
                 /* a move of the journal's end told to nobody waits a
                  * second at most */
                 journal_end(ev->journal, &end);
@@ -642,7 +634,7 @@ sink_main(void *arg)
                     break;
             }
             if (s->st.paused && !SINK_STOP(s))
-                events_wait_until(ev, events_mono_ms() + 1000);
+                events_wait_until(ev, clock_mono_ms() + 1000);
             journal_end(ev->journal, &end);
             if (s->st.paused && sink_cap_backlog(s, &end))
                 sink_after_cap(s); /* a paused sink's backlog is bounded too */
@@ -653,7 +645,7 @@ sink_main(void *arg)
             break;
         if (sink_cap_backlog(s, &end))
             sink_after_cap(s);
-        uint64_t now = events_mono_ms();
+        uint64_t now = clock_mono_ms();
         if (first_seen == 0)
             first_seen = now;
         /* A batch closes at batch_max events or batch_wait after the
@@ -663,7 +655,7 @@ sink_main(void *arg)
                end.seq - s->cursor.seq < s->max_lines && now < first_seen + s->cfg.batch_wait) {
             events_wait_until(ev, first_seen + s->cfg.batch_wait);
             journal_end(ev->journal, &end);
-            now = events_mono_ms();
+            now = clock_mono_ms();
         }
         if (SINK_STOP(s))
             break;
@@ -708,7 +700,7 @@ sink_main(void *arg)
              * catch-up, and a crash re-sends at most that much. */
             struct journal_pos now_end;
             journal_end(ev->journal, &now_end);
-            uint64_t t = events_mono_ms();
+            uint64_t t = clock_mono_ms();
             if (now_end.seq <= part.ack.seq || t - last_store >= CURSOR_SYNC_MS) {
                 sink_store_cursor(s, &part.ack);
                 last_store = t;
@@ -767,8 +759,8 @@ sink_main(void *arg)
             backoff = backoff == 0 ? s->cfg.retry_min : backoff * 2;
             if (backoff > s->cfg.retry_max)
                 backoff = s->cfg.retry_max;
-            uint64_t until = events_mono_ms() + backoff;
-            while (!SINK_STOP(s) && events_mono_ms() < until)
+            uint64_t until = clock_mono_ms() + backoff;
+            while (!SINK_STOP(s) && clock_mono_ms() < until)
                 events_wait_until(ev, until);
             continue;
         }
@@ -808,8 +800,8 @@ sink_main(void *arg)
                     " note=kept_in_journal",
                     s->cfg.name, err, backoff);
         failing = true;
-        uint64_t until = events_mono_ms() + backoff;
-        while (!SINK_STOP(s) && events_mono_ms() < until)
+        uint64_t until = clock_mono_ms() + backoff;
+        while (!SINK_STOP(s) && clock_mono_ms() < until)
             events_wait_until(ev, until);
     }
     struct journal_pos last = s->cursor;

@@ -164,8 +164,6 @@ const char *events_line_field(const char *line, size_t len, const char *key, siz
 /* Delete the journal segments every sink's stored cursor passed (not
  * while a reload restarts sinks). */
 void events_trim(struct events *ev);
-/* CLOCK_MONOTONIC in ms. */
-uint64_t events_mono_ms(void);
 /* Wait on ev->cond until the monotonic deadline (ms) or a signal; mu held. */
 void events_wait_until(struct events *ev, uint64_t deadline_ms);
 

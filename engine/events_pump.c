@@ -128,7 +128,7 @@ pump_trim(struct events *ev)
     struct journal_pos end;
     journal_end(ev->journal, &end);
     if (ev->trimming || end.seq <= ev->trim_to ||
-        (ev->trim_retry_at != 0 && events_mono_ms() < ev->trim_retry_at))
+        (ev->trim_retry_at != 0 && clock_mono_ms() < ev->trim_retry_at))
         return;
     ev->trimming = true;
     int rc = queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev);
@@ -154,7 +154,7 @@ pump_trim_failed(struct events *ev, int rc)
     ev->trim_backoff_ms = ev->trim_backoff_ms == 0            ? first
                           : ev->trim_backoff_ms * 2 > longest ? longest
                                                               : ev->trim_backoff_ms * 2;
-    ev->trim_retry_at = events_mono_ms() + ev->trim_backoff_ms;
+    ev->trim_retry_at = clock_mono_ms() + ev->trim_backoff_ms;
     log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" retry_ms=%u note=retried",
             queue_strerror(rc), ev->trim_backoff_ms);
 }
@@ -299,8 +299,8 @@ events_pump_main(void *arg)
         if (rc < 0) {
             /* the port's completions are drained meanwhile, commits are not
              * waited for */
-            uint64_t until = events_mono_ms() + PUMP_RETRY_MS;
-            for (uint64_t now; !ev->stop && (now = events_mono_ms()) < until;) {
+            uint64_t until = clock_mono_ms() + PUMP_RETRY_MS;
+            for (uint64_t now; !ev->stop && (now = clock_mono_ms()) < until;) {
                 pthread_mutex_unlock(&ev->mu);
                 pump_poll(ev, until - now);
                 pthread_mutex_lock(&ev->mu);
@@ -319,7 +319,7 @@ events_pump_main(void *arg)
              * spool for as long as no event came. PUMP_IDLE_MS bounds
              * each wait, a backstop. */
             while (!ev->stop && seen == ev->committed) {
-                uint64_t now = events_mono_ms();
+                uint64_t now = clock_mono_ms();
                 bool retry = !ev->trimming && ev->trim_retry_at != 0;
                 if (retry && now >= ev->trim_retry_at)
                     break;
@@ -335,8 +335,8 @@ events_pump_main(void *arg)
              * stop, and by the spool's hook at every commit it once was:
              * one timed wait ended at the next commit, and an append
              * carried two commits, not PUMP_GATHER_MS of them) */
-            uint64_t gather_end = events_mono_ms() + ev->gather_ms;
-            while (!ev->stop && events_mono_ms() < gather_end)
+            uint64_t gather_end = clock_mono_ms() + ev->gather_ms;
+            while (!ev->stop && clock_mono_ms() < gather_end)
                 events_wait_until(ev, gather_end);
         }
         stop = ev->stop;
