@@ -14,9 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 
 struct dkim_pool {
@@ -61,14 +61,6 @@ dkim_pool_msg_free(struct worker_msg *m)
         return false;
     dkim_job_free((struct dkim_job *)m);
     return true;
-}
-
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 int
@@ -136,9 +128,9 @@ job_of(struct workq_item *it)
 static void
 job_sign(struct dkim_pool *p, struct dkim_job *j, bool on_worker)
 {
-    uint64_t t0 = now_ns();
+    uint64_t t0 = clock_mono_ns();
     job_run(j);
-    uint64_t spent = now_ns() - t0;
+    uint64_t spent = clock_mono_ns() - t0;
     pthread_mutex_lock(&p->lock);
     p->stats.jobs++;
     if (on_worker)

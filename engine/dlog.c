@@ -153,14 +153,6 @@ dlog_kind_str(enum dlog_kind kind)
     return "unknown";
 }
 
-static uint64_t
-mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static void
 list_init(struct buf_list *l)
 {
@@ -771,20 +763,20 @@ dlog_main(void *arg)
     log_set_thread_name("dlog");
     dlog_self = d;
     const uint64_t interval = (uint64_t)d->flush_ms * 1000000u;
-    uint64_t deadline = mono_ns() + interval;
+    uint64_t deadline = clock_mono_ns() + interval;
     struct buf_list done;
     list_init(&done);
 
     pthread_mutex_lock(&d->mu);
     for (;;) {
-        uint64_t now = mono_ns();
+        uint64_t now = clock_mono_ns();
         while (!d->stop && !d->kick && now < deadline) {
             /* The reopen flag is only a flag (signal-safe), so it is
              * seen here when the interval ends. */
             struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000u),
                                   .tv_nsec = (long)(deadline % 1000000000u)};
             pthread_cond_timedwait(&d->cond, &d->mu, &ts);
-            now = mono_ns();
+            now = clock_mono_ns();
         }
         /* The phase first, then the flag (both seq_cst), as the crash
          * path sets the flag, then reads the phase: either it waits for
@@ -993,11 +985,7 @@ dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *
     list_init(&d->got);
     list_init(&d->pending);
     pthread_mutex_init(&d->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&d->cond, &ca);
-    pthread_condattr_destroy(&ca);
+    clock_cond_init_mono(&d->cond);
     d->nofile = path == NULL;
     d->path = strdup(path != NULL ? path : "-");
     if (d->path == NULL) {

@@ -29,7 +29,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "common/clock.h"
 #include "common/fs.h"
@@ -632,14 +631,6 @@ refresh_scan(struct mta_sts *m)
     pthread_mutex_unlock(&m->lock);
 }
 
-static uint64_t
-mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 static void *
 thread_main(void *arg)
 {
@@ -683,7 +674,7 @@ thread_main(void *arg)
         for (unsigned i = 0; i < nw; i++)
             w[i] = (struct curl_waitfd){.fd = m->dfds[i].fd, .events = m->dfds[i].events};
         int timeout = 1000;
-        uint64_t now = mono_ns();
+        uint64_t now = clock_mono_ns();
         uint64_t dl = dns_timeout(m->dns, now);
         if (dl != UINT64_MAX) {
             uint64_t ms = dl <= now ? 0 : (dl - now + 999999) / 1000000;
@@ -700,7 +691,7 @@ thread_main(void *arg)
                                    (w[i].revents & ~(CURL_WAIT_POLLIN | CURL_WAIT_POLLOUT |
                                                      CURL_WAIT_POLLPRI)) != 0,
                                (w[i].revents & CURL_WAIT_POLLOUT) != 0);
-        if (dns_timeout(m->dns, mono_ns()) <= mono_ns())
+        if (dns_timeout(m->dns, clock_mono_ns()) <= clock_mono_ns())
             dns_process_timeouts(m->dns);
         int running = 0;
         curl_multi_perform(m->multi, &running);
