@@ -884,14 +884,9 @@ keeper_main(void *arg)
         /* what waits for Redis waits for its reconnect, not in a spin */
         if ((s->out == NULL || s->rc == NULL) && !dirty &&
             (s->bounces == NULL || !s->hook_set)) {
-            struct timespec ts; /* the cv waits on CLOCK_MONOTONIC: a step of the
-                                 * wall clock neither stalls nor spins the keeper */
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            ts.tv_nsec += wait_ms * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            /* the cv waits on CLOCK_MONOTONIC: a step of the wall clock
+             * neither stalls nor spins the keeper */
+            struct timespec ts = clock_mono_deadline((uint64_t)wait_ms);
             pthread_cond_timedwait(&s->cv, &s->lock, &ts);
         }
         pthread_mutex_unlock(&s->lock);

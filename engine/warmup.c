@@ -728,14 +728,7 @@ keeper(void *arg)
     log_altstack_init();
     pthread_mutex_lock(&w->lock);
     while (!w->stop) {
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_sec += KEEPER_INTERVAL_MS / 1000;
-        until.tv_nsec += (KEEPER_INTERVAL_MS % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = clock_mono_deadline(KEEPER_INTERVAL_MS);
         while (!w->stop && pthread_cond_timedwait(&w->cv, &w->lock, &until) != ETIMEDOUT)
             ;
         if (w->stop)

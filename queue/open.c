@@ -469,11 +469,7 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
     q->read_only = read_only;
     q->since_free = 2;
     pthread_mutex_init(&q->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&q->cond, &ca);
-    pthread_condattr_destroy(&ca);
+    clock_cond_init_mono(&q->cond);
     pthread_mutex_init(&q->nmu, NULL);
     pthread_cond_init(&q->ncond, NULL);
     pthread_mutex_init(&q->corrupt.mu, NULL);
