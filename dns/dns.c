@@ -26,16 +26,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
-#include <time.h>
 #include <unistd.h>
-
-uint64_t
-dns_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 /* ---- request lists ---- */
 
@@ -241,7 +232,7 @@ start_queued(struct dns *d)
         d->queued--;
         e->state = ENTRY_INFLIGHT;
         d->inflight++;
-        e->started = dns_now();
+        e->started = clock_mono_ns();
         lru_touch(&d->slots, &e->ln);
         lookup_start(d, e);
     }
@@ -284,7 +275,7 @@ dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res)
     else
         d->slow--;
     if (d->next_sweep == UINT64_MAX)
-        d->next_sweep = dns_now() + sweep_interval_ns(d);
+        d->next_sweep = clock_mono_ns() + sweep_interval_ns(d);
     if (res->status == DNS_RETRY || res->status == DNS_FAIL)
         d->stats.failures++;
     struct dns_req *r;
@@ -349,14 +340,14 @@ literal_result(const char *domain)
         /* It never changes: kept as an answer is, for its TTL (a route's
          * literal asked again after every failed connection never had all
          * its addresses fail, and connected again at once, endlessly). */
-        res->expires = dns_now() + LITERAL_TTL_NS;
+        res->expires = clock_mono_ns() + LITERAL_TTL_NS;
     }
     return res;
 bad:
     res = result_new(DNS_FAIL, "bad address literal", domain, NULL, 0, false);
     if (res != NULL) {
         res->bad_name = true;
-        res->expires = dns_now();
+        res->expires = clock_mono_ns();
     }
     return res;
 }
@@ -369,7 +360,7 @@ bad_name_result(const char *domain)
     struct dns_mx_result *res = result_new(DNS_FAIL, "invalid domain name", shown, NULL, 0, false);
     if (res != NULL) {
         res->bad_name = true;
-        res->expires = dns_now();
+        res->expires = clock_mono_ns();
     }
     return res;
 }
@@ -413,7 +404,7 @@ resolve(struct dns *d, const char *domain, bool addr, dns_mx_fn *cb, void *arg,
         *req = r;
         return 0;
     }
-    if (e != NULL && dns_now() < e->expires) {
+    if (e != NULL && clock_mono_ns() < e->expires) {
         d->stats.hits++;
         lru_touch(&d->lru, &e->ln);
         *res = dns_mx_result_ref(e->res);
@@ -492,7 +483,7 @@ dns_process_timeouts(struct dns *d)
 {
     ares_process_fd(d->channel, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
     d->deadline_dirty = true;
-    uint64_t now = dns_now();
+    uint64_t now = clock_mono_ns();
     slots_slow(d, now);
     drain(d);
     if (now >= d->next_sweep)
@@ -680,7 +671,7 @@ dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct 
     hosts_init(d);
     d->next_sweep = UINT64_MAX;
     if (getrandom(&d->rng, sizeof(d->rng), GRND_NONBLOCK) != sizeof(d->rng))
-        d->rng = dns_now() ^ ((uint64_t)getpid() << 32);
+        d->rng = clock_mono_ns() ^ ((uint64_t)getpid() << 32);
     d->rng |= 1; /* xorshift must not start at zero */
     if (getrandom(&d->qid_rng, sizeof(d->qid_rng), GRND_NONBLOCK) != sizeof(d->qid_rng))
         d->qid_rng = dns_rand(d) ^ ((uint64_t)(uintptr_t)d << 16);

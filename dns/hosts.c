@@ -100,7 +100,7 @@ hosts_find(struct dns *d, const char *name, bool v6, struct host_addrs *out)
     if (n == NULL)
         return 0;
     struct hentry *h = hentry_of(n);
-    uint64_t now = dns_now();
+    uint64_t now = clock_mono_ns();
     if (h->expires <= now) {
         hosts_drop(d, h);
         return 0;
@@ -144,7 +144,7 @@ hosts_put(struct dns *d, const char *name, bool v6, enum host_st st, const uint8
     if (n > 0)
         memcpy(h->data, addr, (size_t)n * 16);
     memcpy(h->data + (size_t)n * 16, name, nl + 1);
-    h->expires = dns_now() + ttl_ms * 1000000ULL;
+    h->expires = clock_mono_ns() + ttl_ms * 1000000ULL;
     h->hn.hash = hash;
     if (hash_insert(&d->hosts, &h->hn) < 0) {
         free(h);

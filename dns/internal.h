@@ -26,6 +26,7 @@
 #include <ares.h>
 #include <stdatomic.h>
 
+#include "common/clock.h"
 #include "common/hash.h"
 #include "common/lru.h"
 #include "dns/dns.h"
@@ -191,7 +192,5 @@ dns_qid(struct dns *d)
 {
     return (uint16_t)(dns_xorshift(&d->qid_rng) >> 48);
 }
-
-uint64_t dns_now(void);
 
 #endif

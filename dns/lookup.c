@@ -157,7 +157,7 @@ send_query(struct lookup *lk, struct lk_query *q, const char *name, uint16_t typ
     if (!d->deadline_dirty) {
         /* c-ares arms a first try at now + timeout: the deadline can only
          * move that early, so no linear ares_timeout() walk is needed. */
-        uint64_t t = dns_now() + d->cfg.timeout * 1000000ULL;
+        uint64_t t = clock_mono_ns() + d->cfg.timeout * 1000000ULL;
         if (t < d->deadline)
             d->deadline = t;
     }
@@ -349,7 +349,7 @@ finish(struct lookup *lk)
         res->hosts_nx = nx;
         res->mx_no_host = lk->mx_no_host;
         res->ttl = (uint32_t)(ttl_ms / 1000);
-        res->expires = dns_now() + ttl_ms * 1000000ULL;
+        res->expires = clock_mono_ns() + ttl_ms * 1000000ULL;
     }
     struct entry *e = lk->e;
     lookup_free(lk);
