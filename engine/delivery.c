@@ -1026,7 +1026,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->port_op = (struct op){OP_CALLBACK, port_on_ready};
     delivery_due_init(d);
     d->cli_pool.size = sizeof(struct smtp_client_buf);
-    d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
+    d->rng = (clock_mono_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     d->ops = &delivery_ops;
     if (sched_init(d) < 0) {
@@ -1101,11 +1101,11 @@ outcomes_wait(struct delivery *d)
 {
     if (d->port == NULL || queue_port_pending(d->port) == 0)
         return true;
-    uint64_t start = clock_now_ns();
+    uint64_t start = clock_mono_ns();
     uint64_t end = d->e->stop_commit_until != 0 ? d->e->stop_commit_until
                                                 : start + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
     while (queue_port_pending(d->port) > 0) {
-        uint64_t now = clock_now_ns();
+        uint64_t now = clock_mono_ns();
         /* What came already is told, not cut: the bound is the stop's,
          * and another worker's wait may have taken it all while answers
          * to this one's waited in its port since its loop ended. */

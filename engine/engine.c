@@ -778,7 +778,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
     engine_reload_draining(e);
     /* From before the workers hear of it: their event=draining lines come
      * after the deadline is set. */
-    uint64_t end = clock_now_ns() + MS_TO_NS(timeout_ms);
+    uint64_t end = clock_mono_ns() + MS_TO_NS(timeout_ms);
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (e->srv[i] != NULL)
             server_worker_drain(e->srv[i], timeout_ms);
@@ -807,7 +807,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
     for (;;) {
         if (atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers)
             return ENGINE_DRAIN_DONE;
-        uint64_t now = clock_now_ns();
+        uint64_t now = clock_mono_ns();
         if (now >= end)
             return ENGINE_DRAIN_TIMED_OUT;
         uint64_t ns = end - now < 20 * 1000000ull ? end - now : 20 * 1000000ull;
@@ -826,7 +826,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
             continue;
         }
         if (sig > 0 && si.si_pid != getpid()) {
-            uint64_t waited_ms = (clock_now_ns() - (end - MS_TO_NS(timeout_ms))) / 1000000;
+            uint64_t waited_ms = (clock_mono_ns() - (end - MS_TO_NS(timeout_ms))) / 1000000;
             log_msg(LOG_WARN,
                     "event=drain_cut signal=%s sender_pid=%ld waited_ms=%llu "
                     "note=what_was_in_flight_stays_queued",
@@ -1047,7 +1047,7 @@ engine_stop(struct engine *e)
         }
         e->workers[i].mbox_head = NULL;
         if (e->stop_commit_until == 0)
-            e->stop_commit_until = clock_now_ns() + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
+            e->stop_commit_until = clock_mono_ns() + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
         e->srv[i] = server_worker_free(e->srv[i]);
         e->dlv[i] = delivery_free(e->dlv[i]);
         worker_fini(&e->workers[i]);
@@ -1107,13 +1107,13 @@ engine_stop(struct engine *e)
          * dead disk). A short wait for one that answers now; past it the
          * spool is left open to the exit (as after a kill -9: what it did
          * not confirm was never acknowledged, what it did is on disk). */
-        uint64_t t0 = clock_now_ns();
+        uint64_t t0 = clock_mono_ns();
         if (!queue_close_within(e->queue, STOP_SPOOL_CLOSE_AFTER_CUT_MS)) {
             e->stop_given_up = true;
             log_msg(LOG_CRIT,
                     "event=stop_spool_given_up waited_ms=%llu exit=%d "
                     "note=spool_not_answering_what_it_did_not_confirm_was_never_acknowledged",
-                    (unsigned long long)((clock_now_ns() - t0) / 1000000), ENGINE_EXIT_FAILED);
+                    (unsigned long long)((clock_mono_ns() - t0) / 1000000), ENGINE_EXIT_FAILED);
         }
     } else if (e->queue != NULL) {
         queue_close(e->queue);

@@ -25,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "engine/limits_internal.h"
 #include "engine/redis.h"
@@ -118,7 +119,7 @@ limits_new(struct worker *w, const struct limits_opts *o, struct limits **out, c
         gethostname(host, sizeof(host) - 1);
         host[sizeof(host) - 1] = '\0';
         host[strcspn(host, ":.")] = '\0';
-        uint64_t salt = clock_now_ns() ^ (uint64_t)(uintptr_t)l;
+        uint64_t salt = clock_mono_ns() ^ (uint64_t)(uintptr_t)l;
         snprintf(l->node, sizeof(l->node), "%s-%d-w%u-%08llx", host, (int)getpid(),
                  w->id, (unsigned long long)(salt & 0xffffffffu));
     }

@@ -64,7 +64,7 @@
  * shared mode a node in backoff draws on the shared budget at its reduced
  * rate, so each of its tokens costs the cluster more.
  *
- * Time: now_ns is CLOCK_MONOTONIC (clock_now_ns()); local-only limiters may
+ * Time: now_ns is CLOCK_MONOTONIC (clock_mono_ns()); local-only limiters may
  * be driven with simulated time. A *retry_at_ns of UINT64_MAX means "no
  * time: the key's waker will be called" (suspended, or every lease held).
  *

@@ -35,6 +35,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "engine/limits_internal.h"
 #include "engine/redis.h"
@@ -367,7 +368,7 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
     struct limits *l = q->l;
     struct limit_key *k = q->k;
     req_unlink(l, q);
-    uint64_t now = clock_now_ns();
+    uint64_t now = clock_mono_ns();
     bool refused = false; /* answered, but nothing to go by: decide locally a while */
     if (reply != NULL && reply->type == REDIS_REPLY_ERROR) {
         if (!q->retried && reply->str != NULL && strncmp(reply->str, "NOSCRIPT", 8) == 0) {
@@ -613,7 +614,7 @@ on_script_loaded(struct redis *r, const struct redisReply *reply, void *arg)
                                                      : 0,
                     reply->type == REDIS_REPLY_ERROR ? reply->str : "");
         }
-        worker_timer_arm(l->w, &l->script_timer, clock_now_ns() + SCRIPT_RETRY_NS);
+        worker_timer_arm(l->w, &l->script_timer, clock_mono_ns() + SCRIPT_RETRY_NS);
         return;
     }
     memcpy(l->sha, reply->str, 40);
@@ -688,7 +689,7 @@ limits_on_refresh(struct timer *t, void *ctx)
 {
     (void)ctx;
     struct limits *l = (struct limits *)((char *)t - offsetof(struct limits, refresh_timer));
-    uint64_t now = clock_now_ns();
+    uint64_t now = clock_mono_ns();
     uint64_t period = l->ttl_ns / 3;
     for (struct limit_key *k = l->keys; k != NULL; k = k->next) {
         if (k->ready_lease != 0 && now - k->ready_at >= period) {
@@ -719,7 +720,7 @@ limits_redis_start(struct limits *l, const struct limits_opts *o, char *err, siz
     int rc = redis_new(l->w, &ro, on_redis_state, l, &l->r, err, errlen);
     if (rc < 0)
         return rc;
-    worker_timer_arm(l->w, &l->refresh_timer, clock_now_ns() + l->ttl_ns / 3);
+    worker_timer_arm(l->w, &l->refresh_timer, clock_mono_ns() + l->ttl_ns / 3);
     return 0;
 }
 

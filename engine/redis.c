@@ -41,6 +41,7 @@
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 
 /* The most elements an array reply may announce: sluice's replies have
@@ -329,7 +330,7 @@ cmd_send(struct redis *r, redis_reply_fn *cb, void *arg, int argc, const char **
     c->r = r;
     c->cb = cb;
     c->arg = arg;
-    c->deadline = clock_now_ns() + r->cmd_timeout;
+    c->deadline = clock_mono_ns() + r->cmd_timeout;
     if (redisAsyncCommandArgv(r->link->ac, on_hiredis_reply, c, argc, argv, lens) != REDIS_OK) {
         free(c);
         return -ENOTCONN;
@@ -366,7 +367,7 @@ redis_on_cmd_timer(struct timer *t, void *ctx)
 {
     (void)ctx;
     struct redis *r = (struct redis *)((char *)t - offsetof(struct redis, cmd_timer));
-    uint64_t now = clock_now_ns();
+    uint64_t now = clock_mono_ns();
     if (r->head == NULL)
         return;
     if (r->head->deadline > now) {
@@ -396,7 +397,7 @@ redis_set_state(struct redis *r, enum redis_state st)
 static void
 redis_schedule(struct redis *r)
 {
-    worker_timer_arm(r->w, &r->reconnect_timer, clock_now_ns() + r->backoff);
+    worker_timer_arm(r->w, &r->reconnect_timer, clock_mono_ns() + r->backoff);
     r->backoff = r->backoff * 2 > r->backoff_max ? r->backoff_max : r->backoff * 2;
 }
 

@@ -325,7 +325,7 @@ session_on_commit(void *cookie, int rc)
     struct server_worker *sw = s->sw;
     if (sw->test_commit_delay > 0) {
         /* after the loop ended the worker's clock no longer moves */
-        uint64_t now = sw->stopping ? clock_now_ns() : sw->w->now;
+        uint64_t now = sw->stopping ? clock_mono_ns() : sw->w->now;
         s->commit_rc = rc;
         uint64_t at = now + MS_TO_NS(sw->test_commit_delay);
         if (worker_timer_arm(sw->w, &s->commit_timer, at) == 0) {

@@ -306,14 +306,14 @@ stop_commits_wait(struct server_worker *sw)
      * once per worker (eight of them, four minutes: past a service
      * manager's stop timeout). A server freed outside a stop (a failed
      * start) has its own. */
-    uint64_t start = clock_now_ns();
+    uint64_t start = clock_mono_ns();
     uint64_t end = sw->e != NULL && sw->e->stop_commit_until != 0
                        ? sw->e->stop_commit_until
                        : start + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
     uint64_t began = end - MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
     bool said = false;
     for (;;) {
-        uint64_t now = clock_now_ns();
+        uint64_t now = clock_mono_ns();
         uint64_t next = held_commits_release(sw, now, false);
         unsigned pending = sw->port != NULL ? queue_port_pending(sw->port) : 0;
         if (pending == 0 && next == UINT64_MAX)
@@ -368,7 +368,7 @@ stop_commits_wait(struct server_worker *sw)
     }
     log_msg(LOG_CRIT,
             "event=stop_commit_wait_cut pending=%u waited_ms=%llu note=spool_not_answering", n,
-            (unsigned long long)((clock_now_ns() - began) / 1000000));
+            (unsigned long long)((clock_mono_ns() - began) / 1000000));
     if (sw->e != NULL)
         sw->e->stop_cut = true; /* the spool's close: not waited for as long again */
     return false;
@@ -516,7 +516,7 @@ server_on_drain_recheck(struct worker *w, struct worker_msg *m)
 void
 server_worker_drain(struct server_worker *sw, uint64_t within_ms)
 {
-    uint64_t until = within_ms == UINT64_MAX ? UINT64_MAX : clock_now_ns() + MS_TO_NS(within_ms);
+    uint64_t until = within_ms == UINT64_MAX ? UINT64_MAX : clock_mono_ns() + MS_TO_NS(within_ms);
     atomic_store(&sw->drain_until, until);
     atomic_store(&sw->draining, true);
     for (int i = 0; i < sw->nls; i++)

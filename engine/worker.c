@@ -78,7 +78,7 @@ worker_init(struct worker *w, unsigned id, unsigned entries, void *ctx)
     rc = ring_setup(&w->ring, entries);
     if (rc < 0)
         goto fail_fd;
-    w->now = clock_now_ns();
+    w->now = clock_mono_ns();
     return 0;
 
 fail_fd:
@@ -325,20 +325,19 @@ worker_loop(struct worker *w)
     /* A message posted before the loop started wrote the eventfd, so the
      * read armed above completes at once: nothing is missed. */
     struct turn_mark mark;
-    turn_begin(w, &mark, clock_now_ns());
+    turn_begin(w, &mark, clock_mono_ns());
     while (!w->stopping) {
         w->stats.loops++;
-        w->now = clock_now_ns();
+        w->now = clock_mono_ns();
         /* At most a slice of the turn: the rest of a storm of timers due
          * together fires next turn (the deadline below is then past, so
          * the wait returns at once), after the completions of this one. */
-        w->stats.timers +=
-            timer_run_until(&w->timers, w->now, w, clock_now_ns,
-                            w->now + MS_TO_NS(WORKER_TIMER_SLICE_MS));
+        w->stats.timers += timer_run_until(&w->timers, w->now, w, clock_mono_ns,
+                                           w->now + MS_TO_NS(WORKER_TIMER_SLICE_MS));
         if (w->stopping)
             break;
         deadline_arm(w, timer_next(&w->timers));
-        turn_end(w, &mark, clock_now_ns()); /* its line goes out with the turn's */
+        turn_end(w, &mark, clock_mono_ns()); /* its line goes out with the turn's */
         log_flush(); /* the turn's lines, before its sends and before the wait */
         int rc = io_uring_submit_and_wait(&w->ring, 1);
         bool injected = w->fail_after != 0 && w->stats.loops >= w->fail_after;
@@ -354,7 +353,7 @@ worker_loop(struct worker *w)
         }
         /* The wait may have lasted minutes on an idle worker: a deadline
          * armed by a handler below counts from now, not from before it. */
-        w->now = clock_now_ns();
+        w->now = clock_mono_ns();
         turn_begin(w, &mark, w->now);
         struct io_uring_cqe *cqe;
         unsigned head, n = 0;
@@ -370,9 +369,9 @@ worker_loop(struct worker *w)
         }
         io_uring_cq_advance(&w->ring, n);
         w->stats.cqes += n;
-        w->now = clock_now_ns();
+        w->now = clock_mono_ns();
     }
-    turn_end(w, &mark, clock_now_ns()); /* the last turn, the one that stopped it */
+    turn_end(w, &mark, clock_mono_ns()); /* the last turn, the one that stopped it */
     log_flush();
     return 0;
 }

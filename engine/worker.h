@@ -149,13 +149,6 @@ worker_timer_cancel(struct worker *w, struct timer *t)
     timer_cancel(&w->timers, t);
 }
 
-/* CLOCK_MONOTONIC now, in nanoseconds: clock_mono_ns (common/clock.h). */
-static inline uint64_t
-clock_now_ns(void)
-{
-    return clock_mono_ns();
-}
-
 #define MS_TO_NS(ms) ((uint64_t)(ms) * 1000000ULL)
 
 #endif

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "engine/limits.h"
 #include "tests/support/redis_server.h"
 
@@ -57,14 +58,14 @@ bench_local(void)
     }
     /* 100 simulated µs per round over all keys: 1 key in 200 gets a token */
     const unsigned rounds = 20000;
-    uint64_t granted = 0, t0 = clock_now_ns(), now = 1000 * SEC;
+    uint64_t granted = 0, t0 = clock_mono_ns(), now = 1000 * SEC;
     for (unsigned r = 0; r < rounds; r++, now += 100000) {
         for (unsigned i = 0; i < KEYS; i++) {
             uint64_t at;
             granted += limits_take_msgs(l, &k[i], 1, now, &at);
         }
     }
-    double s = (double)(clock_now_ns() - t0) / 1e9;
+    double s = (double)(clock_mono_ns() - t0) / 1e9;
     double n = (double)rounds * KEYS;
     printf("local   gcra 1000 keys        %12.0f decisions/s  %6.1f ns/decision  (%.2f%% granted)\n",
            n / s, s * 1e9 / n, 100.0 * (double)granted / n);
@@ -72,13 +73,13 @@ bench_local(void)
     struct limit_key u;
     struct limit_conf unl = {0};
     limits_key_init(l, &u, "unlimited", &unl, NULL, NULL);
-    t0 = clock_now_ns();
+    t0 = clock_mono_ns();
     uint64_t sink = 0;
     for (unsigned i = 0; i < 20000000; i++) {
         uint64_t at;
         sink += limits_take_msgs(l, &u, 1, now, &at);
     }
-    s = (double)(clock_now_ns() - t0) / 1e9;
+    s = (double)(clock_mono_ns() - t0) / 1e9;
     printf("local   unlimited key         %12.0f decisions/s  %6.1f ns/decision  (%llu)\n",
            2e7 / s, s * 1e9 / 2e7, (unsigned long long)sink);
     limits_key_fini(l, &u);
@@ -113,7 +114,7 @@ on_wake(void *arg)
 static void
 push(struct run *r)
 {
-    uint64_t now = clock_now_ns();
+    uint64_t now = clock_mono_ns();
     if (now >= r->until) {
         r->pushing = false;
         r->w.stopping = true;
@@ -142,7 +143,7 @@ on_timer(struct timer *t, void *ctx)
         return;
     }
     limits_stats(r->l, &st);
-    uint64_t now = clock_now_ns();
+    uint64_t now = clock_mono_ns();
     if (strcmp(st.redis, "connected") == 0) {
         r->pushing = true;
         r->start = now;
@@ -177,12 +178,12 @@ bench_redis_run(const char *url, unsigned batch)
     struct limit_conf c = {.msg_rate = {1000000, 1000}, .msg_burst = 100};
     limits_key_init(r.l, &r.k, name, &c, on_wake, &r);
     timer_init(&r.t, on_timer);
-    r.deadline = clock_now_ns() + 5 * SEC;
+    r.deadline = clock_mono_ns() + 5 * SEC;
     worker_timer_arm(&r.w, &r.t, 0);
     worker_run(&r.w);
     struct limits_stats st;
     limits_stats(r.l, &st);
-    double s = (double)(clock_now_ns() - r.start) / 1e9;
+    double s = (double)(clock_mono_ns() - r.start) / 1e9;
     if (r.msgs > 0)
         printf("redis   token_batch %-3u        %12.0f msgs/s       %8.1f round trips per 1000 msgs"
                "  (%llu msgs, %llu round trips)\n",

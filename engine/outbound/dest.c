@@ -284,10 +284,10 @@ dest_trim(struct engine *e, size_t bytes, uint64_t now)
     if (!atomic_compare_exchange_strong(&e->freed_untrimmed, &pending, 0))
         return;
     atomic_store(&e->trimmed_at, now);
-    uint64_t t0 = clock_now_ns();
+    uint64_t t0 = clock_mono_ns();
     malloc_trim(0);
     log_msg(LOG_INFO, "event=memory_trimmed freed_kb=%zu us=%llu", pending / 1024,
-            (unsigned long long)((clock_now_ns() - t0) / 1000));
+            (unsigned long long)((clock_mono_ns() - t0) / 1000));
 #else
     (void)e, (void)bytes, (void)now;
 #endif

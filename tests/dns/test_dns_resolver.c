@@ -34,6 +34,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "engine/resolver.h"
 #include "tests/dns/harness.h"
 
@@ -298,7 +299,7 @@ test_resolver_on_ring(void **state)
     c->start.fn = phase0;
     worker_post(&c->w, &c->start);
     timer_init(&c->guard, on_guard);
-    assert_int_equal(worker_timer_arm(&c->w, &c->guard, clock_now_ns() + MS_TO_NS(20000)), 0);
+    assert_int_equal(worker_timer_arm(&c->w, &c->guard, clock_mono_ns() + MS_TO_NS(20000)), 0);
     assert_int_equal(worker_run(&c->w), 0);
     worker_timer_cancel(&c->w, &c->guard);
     bool timed_out = c->timed_out;
@@ -399,7 +400,7 @@ f_on_answer(void *arg, struct dns_mx_result *res)
 {
     struct fctx *f = arg;
     f->res = res;
-    f->answered = clock_now_ns();
+    f->answered = clock_mono_ns();
     resolver_stats(f->r, &f->stats);
     resolver_close(f->r, f_on_closed, f);
 }
@@ -410,7 +411,7 @@ f_start(struct worker *w, struct worker_msg *m)
     struct fctx *f = (struct fctx *)((char *)m - offsetof(struct fctx, start));
     struct dns_mx_result *res;
     struct dns_req *req;
-    f->started = clock_now_ns();
+    f->started = clock_mono_ns();
     if (resolver_mx_resolve(f->r, "a.test", f_on_answer, f, &res, &req) != 0) {
         dns_mx_result_unref(res);
         w->stopping = true;
@@ -454,7 +455,7 @@ test_resolver_poll_failure(void **state)
     f->start.fn = f_start;
     worker_post(&f->w, &f->start);
     timer_init(&f->guard, f_on_guard);
-    assert_int_equal(worker_timer_arm(&f->w, &f->guard, clock_now_ns() + MS_TO_NS(10000)), 0);
+    assert_int_equal(worker_timer_arm(&f->w, &f->guard, clock_mono_ns() + MS_TO_NS(10000)), 0);
     assert_int_equal(worker_run(&f->w), 0);
     worker_timer_cancel(&f->w, &f->guard);
     uint64_t loops = f->w.stats.loops;
@@ -574,8 +575,8 @@ test_resolver_close_in_backoff(void **state)
     worker_post(&c->w, &c->start);
     timer_init(&c->check, c_on_check);
     timer_init(&c->guard, c_on_guard);
-    assert_int_equal(worker_timer_arm(&c->w, &c->check, clock_now_ns() + MS_TO_NS(5)), 0);
-    assert_int_equal(worker_timer_arm(&c->w, &c->guard, clock_now_ns() + MS_TO_NS(10000)), 0);
+    assert_int_equal(worker_timer_arm(&c->w, &c->check, clock_mono_ns() + MS_TO_NS(5)), 0);
+    assert_int_equal(worker_timer_arm(&c->w, &c->guard, clock_mono_ns() + MS_TO_NS(10000)), 0);
     assert_int_equal(worker_run(&c->w), 0);
     worker_timer_cancel(&c->w, &c->guard);
     worker_timer_cancel(&c->w, &c->check);

@@ -48,6 +48,7 @@
 #include <cmocka.h>
 #include <hiredis/hiredis.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "engine/limits.h"
 #include "tests/support/redis_server.h"
@@ -758,11 +759,11 @@ until_check(struct until *u)
     if (u->pred(u->n, u->arg)) {
         u->result = true;
         sem_post(&u->done);
-    } else if (clock_now_ns() >= u->deadline) {
+    } else if (clock_mono_ns() >= u->deadline) {
         u->result = false;
         sem_post(&u->done);
     } else {
-        worker_timer_arm(&u->n->w, &u->t, clock_now_ns() + 2 * MSEC);
+        worker_timer_arm(&u->n->w, &u->t, clock_mono_ns() + 2 * MSEC);
     }
 }
 
@@ -790,7 +791,7 @@ node_until(struct node *n, bool (*pred)(struct node *n, void *arg), void *arg, u
     u.n = n;
     u.pred = pred;
     u.arg = arg;
-    u.deadline = clock_now_ns() + timeout_ms * MSEC;
+    u.deadline = clock_mono_ns() + timeout_ms * MSEC;
     sem_init(&u.done, 0, 0);
     node_call(n, until_start, &u);
     sem_wait_bounded(&u.done, timeout_ms / 1000 + 30);
@@ -812,7 +813,7 @@ node_wake(void *arg)
 static void
 pump(struct node *n)
 {
-    uint64_t now = clock_now_ns();
+    uint64_t now = clock_mono_ns();
     if (now >= n->pump_until) {
         n->pumping = false;
         worker_timer_cancel(&n->w, &n->pump_timer);
@@ -844,7 +845,7 @@ static void
 start_pump(struct node *n, void *arg)
 {
     n->pumping = true;
-    n->pump_until = clock_now_ns() + *(uint64_t *)arg;
+    n->pump_until = clock_mono_ns() + *(uint64_t *)arg;
     pump(n);
 }
 
@@ -869,7 +870,7 @@ until_acquired(struct node *n, void *arg)
 {
     unsigned target = *(unsigned *)arg;
     uint64_t r;
-    while (n->acquired < target && limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r))
+    while (n->acquired < target && limits_conn_acquire(n->l, &n->k, clock_mono_ns(), &r))
         n->acquired++;
     return n->acquired >= target;
 }
@@ -880,7 +881,7 @@ until_leased(struct node *n, void *arg)
 {
     unsigned target = *(unsigned *)arg;
     uint64_t r;
-    while (n->acquired < target && limits_lease_acquire(n->l, &n->k, clock_now_ns(), &r))
+    while (n->acquired < target && limits_lease_acquire(n->l, &n->k, clock_mono_ns(), &r))
         n->acquired++;
     return n->acquired >= target;
 }
@@ -891,7 +892,7 @@ static void
 unacquire_one(struct node *n, void *arg)
 {
     (void)arg;
-    limits_conn_unacquire(n->l, &n->k, clock_now_ns());
+    limits_conn_unacquire(n->l, &n->k, clock_mono_ns());
     n->acquired--;
 }
 
@@ -901,7 +902,7 @@ lease_ask(struct node *n, void *arg)
 {
     (void)arg;
     uint64_t r;
-    if (limits_lease_acquire(n->l, &n->k, clock_now_ns(), &r))
+    if (limits_lease_acquire(n->l, &n->k, clock_mono_ns(), &r))
         n->acquired++;
 }
 
@@ -911,7 +912,7 @@ lease_ask_new(struct node *n, void *arg)
 {
     (void)arg;
     uint64_t r;
-    if (limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r))
+    if (limits_conn_acquire(n->l, &n->k, clock_mono_ns(), &r))
         n->acquired++;
 }
 
@@ -1092,7 +1093,7 @@ static void
 take_one(struct node *n, void *arg)
 {
     struct ask_take *a = arg;
-    uint64_t now = clock_now_ns(), r;
+    uint64_t now = clock_mono_ns(), r;
     a->got = limits_take_msgs(n->l, &n->k, 1, now, &r);
     a->retry_in = r > now ? r - now : 0;
     a->asking = limits_key_asking(&n->k);
@@ -1236,8 +1237,8 @@ test_shared_leases_beyond_a_lowered_cap(void **state)
     assert_int_equal(excess_of(&a, &b), 0);
     node_call(&a, set_cap, &one);
     node_call(&b, set_cap, &one);
-    uint64_t deadline = clock_now_ns() + 5000 * MSEC;
-    while (excess_of(&a, &b) < 2 && clock_now_ns() < deadline)
+    uint64_t deadline = clock_mono_ns() + 5000 * MSEC;
+    while (excess_of(&a, &b) < 2 && clock_mono_ns() < deadline)
         usleep(20000);
     assert_int_equal(excess_of(&a, &b), 2);
     usleep(1300000); /* another refresh of each: the same two, not more */
@@ -1248,8 +1249,8 @@ test_shared_leases_beyond_a_lowered_cap(void **state)
     /* the releases are round trips on the workers: waited for, less than
      * a lease's ttl (3 s from its last refresh, at most 1 s ago): a
      * release never sent is not hidden by the lease's expiry */
-    deadline = clock_now_ns() + 1800 * MSEC;
-    while (redis_zcard("sluice:{beyond.test}:l") != 1 && clock_now_ns() < deadline)
+    deadline = clock_mono_ns() + 1800 * MSEC;
+    while (redis_zcard("sluice:{beyond.test}:l") != 1 && clock_mono_ns() < deadline)
         usleep(20000);
     assert_int_equal(redis_zcard("sluice:{beyond.test}:l"), 1);
     usleep(1300000); /* another refresh of each: none beyond now */
@@ -1387,7 +1388,7 @@ until_refused_full(struct node *n, void *arg)
 {
     (void)arg;
     uint64_t r;
-    if (limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r)) {
+    if (limits_conn_acquire(n->l, &n->k, clock_mono_ns(), &r)) {
         n->acquired++;
         return false;
     }
@@ -1402,7 +1403,7 @@ release_then_ask(struct node *n, void *arg)
     limits_conn_release(n->l, &n->k);
     n->acquired--;
     uint64_t r;
-    bool got = limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r);
+    bool got = limits_conn_acquire(n->l, &n->k, clock_mono_ns(), &r);
     n->acquired += got;
     *(bool *)arg = got || n->k.conn_req != NULL;
 }
@@ -1452,7 +1453,7 @@ test_shared_full_cap_asks_again_after_a_release(void **state)
 static bool
 until_wanted(struct node *n, void *arg)
 {
-    bool w = limits_key_wanted(n->l, &n->k, &n->want, clock_now_ns());
+    bool w = limits_key_wanted(n->l, &n->k, &n->want, clock_mono_ns());
     return n->want.req == NULL && n->want.at != 0 && w == *(bool *)arg;
 }
 
@@ -1470,7 +1471,7 @@ until_answered(struct node *n, void *arg)
         a->asked = true;
         n->want.at = 0; /* ask now, whatever was asked before */
     }
-    bool w = limits_key_wanted(n->l, &n->k, &n->want, clock_now_ns());
+    bool w = limits_key_wanted(n->l, &n->k, &n->want, clock_mono_ns());
     if (n->want.req != NULL || n->want.at == 0)
         return false;
     a->wanted = w;
@@ -1546,11 +1547,11 @@ test_vanished_node_leases_expire(void **state)
     assert_true(node_until(&a, until_acquired, &three, 3000));
     /* a is gone without a word */
     node_stop(&a, false);
-    uint64_t gone = clock_now_ns();
+    uint64_t gone = clock_mono_ns();
     assert_int_equal(redis_zcard("sluice:{vanish.test}:l"), 3);
     assert_false(node_until(&b, until_acquired, &one, 300));
     assert_true(node_until(&b, until_acquired, &one, 20000));
-    uint64_t waited = clock_now_ns() - gone;
+    uint64_t waited = clock_mono_ns() - gone;
     print_message("leases of a vanished node (ttl 900 ms) freed after %llu ms\n",
                   (unsigned long long)(waited / MSEC));
     /* a refreshed them at most ttl/3 before it vanished */
@@ -1908,7 +1909,7 @@ static bool
 hostile_step(struct node *n, void *arg)
 {
     struct hostile_probe *p = arg;
-    uint64_t now = clock_now_ns(), r;
+    uint64_t now = clock_mono_ns(), r;
     unsigned g = limits_take_msgs(n->l, &n->k, 5, now, &r);
     p->over_grant |= g > 5;
     p->grants += g;
@@ -1930,7 +1931,7 @@ hostile_arm(struct node *n, void *arg)
 {
     (void)n;
     struct hostile_probe *p = arg;
-    p->until = clock_now_ns() + 600 * MSEC;
+    p->until = clock_mono_ns() + 600 * MSEC;
 }
 
 static bool
@@ -2113,7 +2114,7 @@ errors_arm(struct node *n, void *arg)
 {
     (void)n;
     struct hostile_probe *p = arg;
-    p->until = clock_now_ns() + 2500 * MSEC;
+    p->until = clock_mono_ns() + 2500 * MSEC;
 }
 
 /*

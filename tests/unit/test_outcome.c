@@ -128,7 +128,7 @@ fx_new(void)
     /* No ring: the outcome hand-off needs the worker's clock, timers and
      * the spool port only. */
     assert_int_equal(timer_heap_init(&f->w.timers, 64), 0);
-    f->w.now = clock_now_ns();
+    f->w.now = clock_mono_ns();
     f->e.cfg = f->cfg;
     f->e.campaign_names = f->cfg->server.campaign_names;
     f->e.nworkers = 1;
@@ -1658,7 +1658,7 @@ outcome_answered_before_the_bound_ran_out_is_told(void **state)
     assert_int_equal(queue_port_pending(f->d->port), 1);
     assert_int_equal(f->bounces, 0);
     assert_false(stored(f, id, 0));
-    f->e.stop_commit_until = clock_now_ns(); /* the stop's bound: over */
+    f->e.stop_commit_until = clock_mono_ns(); /* the stop's bound: over */
     struct delivery *d = f->d;
     f->d = f->dlv[0] = NULL;
     assert_null(delivery_free(d));

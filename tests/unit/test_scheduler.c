@@ -26,6 +26,7 @@
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/limits.h"
+#include "common/clock.h"
 #include "common/hash.h"
 #include "common/intern.h"
 #include "engine/outbound/internal.h"
@@ -325,7 +326,7 @@ fx_new(const char *extra)
     setup_conf(f, extra);
     /* No ring: the scheduler needs the worker's clock and timers only. */
     assert_int_equal(timer_heap_init(&f->w.timers, 64), 0);
-    f->w.now = clock_now_ns();
+    f->w.now = clock_mono_ns();
     f->e.cfg = f->cfg;
     f->e.campaign_names = f->cfg->server.campaign_names;
     f->e.nworkers = 1;

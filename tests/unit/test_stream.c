@@ -319,7 +319,7 @@ run_until(struct fixture *f, bool check_deadline)
     f->start_msg.fn = on_start;
     worker_post(&f->w, &f->start_msg);
     timer_init(&f->deadline, on_deadline);
-    worker_timer_arm(&f->w, &f->deadline, clock_now_ns() + DEADLINE_S * 1000000000ULL);
+    worker_timer_arm(&f->w, &f->deadline, clock_mono_ns() + DEADLINE_S * 1000000000ULL);
     assert_int_equal(worker_run(&f->w), 0);
     worker_timer_cancel(&f->w, &f->deadline);
     if (check_deadline)
@@ -861,7 +861,7 @@ on_step(struct timer *t, void *ctx)
     (void)ctx;
     struct fixture *f = F;
     if (f->a.st.tls != NULL && !stream_tls_ready(&f->a.st)) { /* a slow handshake: later */
-        worker_timer_arm(&f->w, &step_timer, clock_now_ns() + 50 * 1000000ULL);
+        worker_timer_arm(&f->w, &step_timer, clock_mono_ns() + 50 * 1000000ULL);
         return;
     }
     f->a.out_len += tail_more; /* given after the send in flight was posted */
@@ -875,7 +875,7 @@ start_tail(struct fixture *f)
 {
     stream_send(&f->a.st);
     timer_init(&step_timer, on_step);
-    worker_timer_arm(&f->w, &step_timer, clock_now_ns() + 300 * 1000000ULL);
+    worker_timer_arm(&f->w, &step_timer, clock_mono_ns() + 300 * 1000000ULL);
 }
 
 static void
@@ -928,7 +928,7 @@ start_tail_tls(struct fixture *f)
 {
     start_tls(f);
     timer_init(&step_timer, on_step);
-    worker_timer_arm(&f->w, &step_timer, clock_now_ns() + 300 * 1000000ULL);
+    worker_timer_arm(&f->w, &step_timer, clock_mono_ns() + 300 * 1000000ULL);
 }
 
 static void
