@@ -18,16 +18,9 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-uint64_t
-harness_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
+#include "common/clock.h"
 
 static const char *
 dnsmasq_path(void)
@@ -47,7 +40,7 @@ pick_port(void)
 {
     static unsigned seed;
     if (seed == 0)
-        seed = (unsigned)getpid() ^ (unsigned)harness_now_ns();
+        seed = (unsigned)getpid() ^ (unsigned)clock_mono_ns();
     for (int tries = 0; tries < 200; tries++) {
         int port = 20000 + (int)(rand_r(&seed) % 12000);
         struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -311,7 +304,7 @@ dnsmasq_count(struct dnsmasq *m, const char *type, const char *name)
     if (raw_query(m->port, mark, 1, 2000) < 0)
         goto out;
     snprintf(needle, sizeof(needle), "query[A] %s from", mark);
-    uint64_t end = harness_now_ns() + 5000000000ULL;
+    uint64_t end = clock_mono_ns() + 5000000000ULL;
     for (;;) {
         char *text = read_all(m->log);
         if (text != NULL && strstr(text, needle) != NULL) {
@@ -321,7 +314,7 @@ dnsmasq_count(struct dnsmasq *m, const char *type, const char *name)
             break;
         }
         free(text);
-        if (harness_now_ns() >= end)
+        if (clock_mono_ns() >= end)
             break;
         struct pollfd p = {.fd = in, .events = POLLIN};
         poll(&p, 1, 500);
@@ -405,10 +398,10 @@ raw_query(int port, const char *name, uint16_t type, int timeout_ms)
         goto out;
     /* Resend every 20 ms: while nobody listens yet the kernel refuses at
      * once, and a lost datagram is not worth the whole timeout. */
-    uint64_t end = harness_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
+    uint64_t end = clock_mono_ns() + (uint64_t)timeout_ms * 1000000ULL;
     uint64_t resend = 0;
     for (;;) {
-        uint64_t now = harness_now_ns();
+        uint64_t now = clock_mono_ns();
         if (now >= end)
             break;
         if (now >= resend) {
@@ -467,9 +460,9 @@ ploop_sock(void *arg, int fd, bool readable, bool writable)
 int
 ploop_run(struct ploop *l, const unsigned *done, unsigned want, int timeout_ms)
 {
-    uint64_t end = harness_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
+    uint64_t end = clock_mono_ns() + (uint64_t)timeout_ms * 1000000ULL;
     while (*done < want) {
-        uint64_t now = harness_now_ns();
+        uint64_t now = clock_mono_ns();
         if (now >= end)
             return -1;
         uint64_t t = dns_timeout(l->d, now);
@@ -499,7 +492,7 @@ ploop_run(struct ploop *l, const unsigned *done, unsigned want, int timeout_ms)
         }
         for (unsigned i = 0; i < k; i++)
             dns_process_fd(l->d, ready[i].fd, ready[i].rd, ready[i].wr);
-        now = harness_now_ns();
+        now = clock_mono_ns();
         if (dns_timeout(l->d, now) <= now)
             dns_process_timeouts(l->d);
     }

@@ -128,6 +128,4 @@ int ploop_run(struct ploop *l, const unsigned *done, unsigned want, int timeout_
  * conf_free(dns_conf_keys, cfg). */
 void harness_config(struct dns_config *cfg, int port);
 
-uint64_t harness_now_ns(void);
-
 #endif
