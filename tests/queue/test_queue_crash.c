@@ -34,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "queue/queue.h"
 
 #define ROUNDS        60
@@ -59,22 +60,6 @@ struct rec {
     uint32_t pad;
 };
 _Static_assert(sizeof(struct rec) == 32, "pipe record size");
-
-static uint64_t
-now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 static uint64_t
 mix(uint64_t x)
@@ -172,7 +157,7 @@ child_done(void *cookie, int rc)
                     .id = s->id,
                     .rcpt = i,
                     .kind = (enum queue_outcome_kind)k,
-                    .due_ms = k == QUEUE_DEFERRED ? now_ms() + 1000 + rnd(t) % 100000 : 0,
+                    .due_ms = k == QUEUE_DEFERRED ? clock_unix_ms() + 1000 + rnd(t) % 100000 : 0,
                     .code = k == QUEUE_DELIVERED ? 250
                             : k == QUEUE_BOUNCED ? 550
                                                  : 451,
@@ -527,7 +512,7 @@ test_kill9(void **state)
     print_message("crash: seed %llu (SLUICE_CRASH_SEED replays the child's choices)\n",
                   (unsigned long long)seed);
     srand((unsigned)seed);
-    uint64_t t_start = mono_ms();
+    uint64_t t_start = clock_mono_ms();
     uint64_t total_acked = 0, total_out_acked = 0, records = 0;
     /* On a slow or loaded machine (sanitizers, shared cores) a child may
      * not get as far as an ack within tens of ms: the kill delays stretch
@@ -541,7 +526,7 @@ test_kill9(void **state)
          * see: each round checks every message so far, which a slow
          * machine pays for many times over */
         if (round >= MIN_ROUNDS && total_acked > 0 && total_out_acked > 0 &&
-            mono_ms() - t_start > BUDGET_MS)
+            clock_mono_ms() - t_start > BUDGET_MS)
             break;
         int p[2];
         assert_int_equal(pipe(p), 0);
@@ -562,12 +547,12 @@ test_kill9(void **state)
         /* a few ms (sometimes during the child's open) to tens of ms */
         uint64_t delay = (uint64_t)(rand() % 100 < 10 ? rand() % 5 : 5 + rand() % 45) * stretch;
         uint64_t acked_before = total_acked + total_out_acked;
-        uint64_t deadline = mono_ms() + delay;
+        uint64_t deadline = clock_mono_ms() + delay;
         unsigned char buf[64 * 1024];
         size_t have = 0;
         bool killed = false, eof = false;
         while (!eof) {
-            uint64_t now = mono_ms();
+            uint64_t now = clock_mono_ms();
             if (!killed && now >= deadline) {
                 kill(pid, SIGKILL);
                 killed = true;
@@ -639,9 +624,10 @@ test_kill9(void **state)
     }
     print_message("crash: %d rounds in %llu ms, %llu records, %llu messages acked, %llu outcomes "
                   "acked, %llu unacked but committed, %llu message checks\n",
-                  round, (unsigned long long)(mono_ms() - t_start), (unsigned long long)records,
-                  (unsigned long long)total_acked, (unsigned long long)total_out_acked,
-                  (unsigned long long)cx.unacked_seen, (unsigned long long)cx.checked);
+                  round, (unsigned long long)(clock_mono_ms() - t_start),
+                  (unsigned long long)records, (unsigned long long)total_acked,
+                  (unsigned long long)total_out_acked, (unsigned long long)cx.unacked_seen,
+                  (unsigned long long)cx.checked);
     assert_true(total_acked > 0);
     assert_true(total_out_acked > 0);
     for (size_t i = 0; i < md.cap; i++)

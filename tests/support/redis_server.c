@@ -19,20 +19,13 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
+
+#include "common/clock.h"
 
 /* Ports below the ephemeral range, claimed through flock on files that
  * tests/integ/harness.py claims through too (see its PORT_DIR). */
 enum { PORT_LOW = 20000 };
-
-static long long
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 const char *
 redis_server_path(void)
@@ -143,8 +136,8 @@ redis_server_start(int port, char *err, size_t errlen)
     char buf[8192];
     size_t have = 0;
     bool ready = false;
-    long long deadline = mono_ms() + 10000;
-    while (!ready && mono_ms() < deadline) {
+    uint64_t deadline = clock_mono_ms() + 10000;
+    while (!ready && clock_mono_ms() < deadline) {
         struct pollfd pfd = {.fd = p[0], .events = POLLIN};
         if (poll(&pfd, 1, 200) <= 0)
             continue;
