@@ -31,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/json.h"
 #include "engine/dlog.h"
 
@@ -45,14 +46,6 @@ static char ids[NVAR][16], rcpts[NVAR][48];
 static const char *const hdr_names[] = {"X-Campaign-ID", "X-Tenant-ID"};
 static const char *const hdr_values[] = {"spring-sale-2026", "tenant-0042"};
 static char path[512];
-
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static void
 make_inputs(void)
@@ -108,23 +101,23 @@ run_thread(void *arg)
     if (r->format_only) {
         struct json j;
         json_init(&j);
-        uint64_t t0 = now_ns(), ms = 1795401231000ull;
+        uint64_t t0 = clock_mono_ns(), ms = 1795401231000ull;
         for (unsigned i = 0; i < r->n; i++) {
             event_at(&ev, i);
             dlog_format(&j, &ev, ms + i / 64);
             r->bytes += j.len;
         }
-        r->ns = now_ns() - t0;
+        r->ns = clock_mono_ns() - t0;
         json_fini(&j);
         return NULL;
     }
     struct dlog_writer *w = dlog_writer_new(r->log);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = clock_mono_ns();
     for (unsigned i = 0; i < r->n; i++) {
         event_at(&ev, i);
         dlog_event(w, &ev);
     }
-    r->ns = now_ns() - t0;
+    r->ns = clock_mono_ns() - t0;
     dlog_writer_free(w);
     return NULL;
 }
@@ -151,7 +144,7 @@ bench_format(unsigned threads, unsigned n)
     for (int run = 0; run < RUNS; run++) {
         pthread_t th[2];
         struct run r[2];
-        uint64_t t0 = now_ns();
+        uint64_t t0 = clock_mono_ns();
         for (unsigned t = 0; t < threads; t++) {
             r[t] = (struct run){.n = n, .format_only = true};
             pthread_create(&th[t], NULL, run_thread, &r[t]);
@@ -162,7 +155,7 @@ bench_format(unsigned threads, unsigned n)
             bytes += r[t].bytes;
             call_ns += r[t].ns;
         }
-        double s = (double)(now_ns() - t0) / 1e9, ev = (double)n * threads;
+        double s = (double)(clock_mono_ns() - t0) / 1e9, ev = (double)n * threads;
         figure_keep(&best, ev / s, (double)bytes / s / 1e6, (double)call_ns / ev);
     }
     printf("%-26s %u thr %10.0f events/s %7.1f MB/s   %6.0f ns/event in caller\n",
@@ -182,7 +175,7 @@ path_run(unsigned threads, unsigned n, struct figure *best)
     }
     pthread_t th[2];
     struct run r[2];
-    uint64_t t0 = now_ns();
+    uint64_t t0 = clock_mono_ns();
     for (unsigned t = 0; t < threads; t++) {
         r[t] = (struct run){.log = d, .n = n};
         pthread_create(&th[t], NULL, run_thread, &r[t]);
@@ -193,7 +186,7 @@ path_run(unsigned threads, unsigned n, struct figure *best)
         call_ns += r[t].ns;
     }
     dlog_free(d); /* returns once every line is written */
-    double s = (double)(now_ns() - t0) / 1e9;
+    double s = (double)(clock_mono_ns() - t0) / 1e9;
     off_t size = 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
@@ -241,7 +234,7 @@ bench_ceiling(unsigned n)
         free(chunk);
         return;
     }
-    uint64_t total = (uint64_t)n * line, done = 0, t0 = now_ns();
+    uint64_t total = (uint64_t)n * line, done = 0, t0 = clock_mono_ns();
     while (done < total) {
         ssize_t w = write(fd, chunk, per * line);
         if (w <= 0)
@@ -249,7 +242,7 @@ bench_ceiling(unsigned n)
         done += (uint64_t)w;
     }
     close(fd);
-    double s = (double)(now_ns() - t0) / 1e9;
+    double s = (double)(clock_mono_ns() - t0) / 1e9;
     printf("%-26s       %10.0f lines/s  %7.1f MB/s   (%zu-octet lines)\n",
            "write(2) ceiling, 64 KB", (double)done / (double)line / s, (double)done / s / 1e6,
            line);

@@ -17,8 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "common/clock.h"
 #include "feedback/feedback.h"
 #include "feedback/verp.h"
 
@@ -31,25 +31,17 @@
 
 static volatile uint64_t sink;
 
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* Best items/s over RUNS runs of fn. */
 static double
 best_rate(void (*fn)(const char *, size_t), const char *m, size_t len)
 {
     double best = 0;
     for (int r = 0; r < RUNS; r++) {
-        uint64_t n = 0, t0 = now_ns(), t;
+        uint64_t n = 0, t0 = clock_mono_ns(), t;
         do {
             fn(m, len);
             n++;
-        } while ((t = now_ns()) - t0 < RUN_NS);
+        } while ((t = clock_mono_ns()) - t0 < RUN_NS);
         double rate = (double)n * 1e9 / (double)(t - t0);
         if (rate > best)
             best = rate;

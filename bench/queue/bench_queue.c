@@ -26,19 +26,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "queue/queue.h"
 
 #ifndef BENCH_BUILD
 #define BENCH_BUILD "unknown"
 #endif
-
-static uint64_t
-mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 static int
 rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
@@ -300,7 +293,7 @@ on_enqueued(void *cookie, int rc)
     }
     p->acked++;
     if (p->s->record) {
-        uint64_t us = (mono_ns() - sl->t0) / 1000;
+        uint64_t us = (clock_mono_ns() - sl->t0) / 1000;
         push_u32(&p->lat, &p->nlat, &p->cap, us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
     }
     if (p->s->keep_ids)
@@ -321,7 +314,7 @@ submit_one(struct producer *p, unsigned slot)
         .rcpt = s->rcpt,
     };
     struct iovec iov = {(void *)s->body, s->body_len};
-    p->slots[slot].t0 = mono_ns();
+    p->slots[slot].t0 = clock_mono_ns();
     p->slot_id[slot] = env.id;
     int rc = queue_enqueue(s->q, p->port, &env, &iov, 1, on_enqueued, &p->slots[slot]);
     if (rc != 0) {
@@ -462,14 +455,14 @@ run_enqueue(const struct opts *o, unsigned producers, unsigned size, unsigned nr
                        .record = true};
     struct queue_stats st0, st1;
     queue_stats(q, &st0);
-    uint64_t t0 = mono_ns();
+    uint64_t t0 = clock_mono_ns();
     struct producer *ps = producers_start(&s, producers);
     struct timespec ts = {(time_t)seconds, (long)((seconds - (time_t)seconds) * 1e9)};
     nanosleep(&ts, NULL);
     atomic_store(&s.stop, true);
     for (unsigned i = 0; i < producers; i++)
         pthread_join(ps[i].th, NULL);
-    uint64_t t1 = mono_ns();
+    uint64_t t1 = clock_mono_ns();
     queue_stats(q, &st1);
 
     size_t nlat = 0;
@@ -589,11 +582,11 @@ run_outcomes(const struct opts *o, unsigned nrcpt, enum queue_outcome_kind kind,
                        .window = 8,
                        .keep_ids = true,
                        .max_msgs = (nmsg + fill - 1) / fill};
-    uint64_t t0 = mono_ns();
+    uint64_t t0 = clock_mono_ns();
     struct producer *ps = producers_start(&s, fill);
     for (unsigned i = 0; i < fill; i++)
         pthread_join(ps[i].th, NULL);
-    double fill_secs = (double)(mono_ns() - t0) / 1e9;
+    double fill_secs = (double)(clock_mono_ns() - t0) / 1e9;
     size_t total = 0;
     for (unsigned i = 0; i < fill; i++)
         total += ps[i].nids;
@@ -616,12 +609,12 @@ run_outcomes(const struct opts *o, unsigned nrcpt, enum queue_outcome_kind kind,
     }
     struct queue_stats st0, st1;
     queue_stats(q, &st0);
-    t0 = mono_ns();
+    t0 = clock_mono_ns();
     for (unsigned i = 0; i < updaters; i++)
         pthread_create(&u[i].th, NULL, updater_main, &u[i]);
     for (unsigned i = 0; i < updaters; i++)
         pthread_join(u[i].th, NULL);
-    double secs = (double)(mono_ns() - t0) / 1e9;
+    double secs = (double)(clock_mono_ns() - t0) / 1e9;
     queue_stats(q, &st1);
     uint64_t outcomes = st1.outcomes - st0.outcomes, failed = 0;
     for (unsigned i = 0; i < updaters; i++)
@@ -671,8 +664,8 @@ ceiling(const struct opts *o)
     char *val = make_body(2048);
     uint64_t key = 0;
     /* durable commits of one small put: the sync ceiling */
-    uint64_t t0 = mono_ns(), n = 0;
-    while (mono_ns() - t0 < 1000000000ULL) {
+    uint64_t t0 = clock_mono_ns(), n = 0;
+    while (clock_mono_ns() - t0 < 1000000000ULL) {
         mdb_txn_begin(env, NULL, 0, &txn);
         uint64_t k = htobe64(++key);
         MDB_val kv = {8, &k}, dv = {8, &k};
@@ -680,16 +673,16 @@ ceiling(const struct opts *o)
         mdb_txn_commit(txn);
         n++;
     }
-    double commits = n / ((double)(mono_ns() - t0) / 1e9);
+    double commits = n / ((double)(clock_mono_ns() - t0) / 1e9);
     unsigned per[] = {64, 100};
     printf("ceiling (raw LMDB on this disk, one thread, no queue):\n");
     printf("  durable commits of one 8-byte put:        %8.0f commits/s (%.2f ms each)\n", commits,
            1000 / commits);
     for (size_t i = 0; i < 2; i++) {
-        t0 = mono_ns();
+        t0 = clock_mono_ns();
         n = 0;
         uint64_t c = 0;
-        while (mono_ns() - t0 < 1000000000ULL) {
+        while (clock_mono_ns() - t0 < 1000000000ULL) {
             mdb_txn_begin(env, NULL, 0, &txn);
             for (unsigned j = 0; j < per[i]; j++) {
                 uint64_t k = htobe64(++key);
@@ -700,7 +693,7 @@ ceiling(const struct opts *o)
             n += per[i];
             c++;
         }
-        double secs = (double)(mono_ns() - t0) / 1e9;
+        double secs = (double)(clock_mono_ns() - t0) / 1e9;
         printf("  2 KB puts in %3u-put durable commits:     %8.0f puts/s (%.0f commits/s)\n",
                per[i], n / secs, c / secs);
     }

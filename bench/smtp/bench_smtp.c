@@ -19,8 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "common/clock.h"
 #include "engine/smtp_cmd.h"
 #include "engine/smtp_data.h"
 #include "engine/smtp_reply.h"
@@ -35,15 +35,6 @@
 
 /* Results feed this so that the compiler cannot drop the work. */
 static volatile uint64_t sink;
-
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
@@ -73,20 +64,20 @@ best_ns(uint64_t (*fn)(void *), void *arg)
     uint64_t reps = 1, t0, dt, best = UINT64_MAX;
 
     for (;;) {
-        t0 = now_ns();
+        t0 = clock_mono_ns();
         for (uint64_t i = 0; i < reps; i++)
             sink += fn(arg);
-        dt = now_ns() - t0;
+        dt = clock_mono_ns() - t0;
         if (dt >= RUN_NS / 4)
             break;
         reps *= 2;
     }
     reps = reps * RUN_NS / (dt ? dt : 1) + 1;
     for (int r = 0; r < RUNS; r++) {
-        t0 = now_ns();
+        t0 = clock_mono_ns();
         for (uint64_t i = 0; i < reps; i++)
             sink += fn(arg);
-        dt = now_ns() - t0;
+        dt = clock_mono_ns() - t0;
         if (dt < best)
             best = dt;
     }

@@ -26,8 +26,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
+#include "common/clock.h"
 #include "engine/timer.h"
 
 #ifndef BENCH_BUILD
@@ -40,14 +40,6 @@
 #define STEP_NS  10000ULL /* the clock's move per message */
 #define SEC_NS   1000000000ULL
 #define OWNER_SIZE 1192 /* a background timer's owner, as a struct dest */
-
-static uint64_t
-mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * SEC_NS + (uint64_t)ts.tv_nsec;
-}
 
 struct bg {
     struct timer t;
@@ -98,7 +90,7 @@ run(size_t n, bool in_place)
         timer_init(&conns[c], conn_fire);
         timer_arm(&h, &conns[c], now + 300 * SEC_NS);
     }
-    uint64_t t0 = mono_ns();
+    uint64_t t0 = clock_mono_ns();
     for (unsigned m = 0; m < MESSAGES; m++) {
         struct timer *c = &conns[m % CONNS];
         for (unsigned k = 0; k < REARMS; k++) {
@@ -109,7 +101,7 @@ run(size_t n, bool in_place)
         now += STEP_NS;
         timer_run_until(&h, now, NULL, NULL, UINT64_MAX);
     }
-    uint64_t ns = mono_ns() - t0;
+    uint64_t ns = clock_mono_ns() - t0;
     timer_heap_fini(&h);
     free(bgs);
     return (double)ns / ((double)MESSAGES * REARMS);
