@@ -22,32 +22,30 @@ clock_unix_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* CLOCK_MONOTONIC in milliseconds. */
-static inline uint64_t
-clock_mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/* CLOCK_MONOTONIC in microseconds. */
-static inline uint64_t
-clock_mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
-
 /* CLOCK_MONOTONIC in nanoseconds: the worker loop's and the timers' time
- * (engine/timer.h), and the DNS resolver's. */
+ * (engine/timer.h), and the DNS resolver's. The one reading of the
+ * monotonic clock's now, which the ms and us below divide: the same
+ * value as tv_sec * 1000 + tv_nsec / 1000000 (or 1000). */
 static inline uint64_t
 clock_mono_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* CLOCK_MONOTONIC in microseconds. */
+static inline uint64_t
+clock_mono_us(void)
+{
+    return clock_mono_ns() / 1000;
+}
+
+/* CLOCK_MONOTONIC in milliseconds. */
+static inline uint64_t
+clock_mono_ms(void)
+{
+    return clock_mono_ns() / 1000000;
 }
 
 /* A condition variable whose timed waits take monotonic deadlines
