@@ -1315,8 +1315,13 @@ def test_timeouts_silent_trickle_and_data():
             elif not closed:
                 problems.append(f"{name}: not closed after 421")
         assert not problems, "\n".join(problems)
-        # the deaf one: the session that read NOOPs (no other sends one whole)
-        (deaf_line,) = [ln for ln in r.d.log_lines("event=disconnect") if " noop=" in ln]
+        # the deaf one: the session that read NOOPs (no other sends one whole);
+        # its line is written after the close the client saw (the worker's
+        # log goes out at the end of its loop turn), so it is waited for
+        deaf_lines = wait_until(
+            lambda: [ln for ln in r.d.log_lines("event=disconnect") if " noop=" in ln], 10,
+            "the deaf session's event=disconnect line")
+        (deaf_line,) = deaf_lines
         deaf_sid = dict(log_fields(deaf_line))["session"]
         deaf = logged_session(r.d, deaf_sid)
         assert {"connect", "timeout", "disconnect"} <= deaf.keys(), (deaf, deaf_line)
