@@ -605,11 +605,17 @@ struct queue_check_report {
     uint64_t bad_due;        /* index entries and deferred recipients that disagree */
     unsigned nlisted;        /* the first QUEUE_CHECK_LIST problems, in scan order */
     struct queue_check_problem listed[QUEUE_CHECK_LIST];
+    const char *lmdb_damage; /* static: LMDB's words for the error (MDB_CORRUPTED,
+                              * MDB_PAGE_NOTFOUND, or MDB_BAD_TXN after one of them)
+                              * that ended the walk, a page damaged inside; the
+                              * problems counted before it may be its echoes. NULL:
+                              * none */
 };
 
 /* Verify the whole spool in one read snapshot (slow: for tools and tests).
  * Returns 0 when consistent, QUEUE_ECORRUPT when the report counts a
- * problem, or another code. */
+ * problem or LMDB found a damaged page (report->lmdb_damage), or another
+ * code. */
 int queue_check(struct queue *q, struct queue_check_report *report);
 
 /* ---- stats ---- */

@@ -893,6 +893,15 @@ out:
     if (c != NULL)
         mdb_cursor_close(c);
     mdb_txn_abort(txn);
+    /* A damaged page that LMDB noticed (a node count or a child that
+     * cannot be): the operation that met it failed, which the lookups
+     * above take for a record missing, and every later one in the
+     * snapshot says MDB_BAD_TXN (nothing else makes a read transaction
+     * bad). Said as damage, not as a storage error. */
+    if (rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND || rc == MDB_BAD_TXN) {
+        rep->lmdb_damage = mdb_strerror(rc);
+        return QUEUE_ECORRUPT;
+    }
     if (rc != 0)
         return queue_lmdb_err(rc);
     if (rep->bad_records || rep->orphan_rcpts || rep->empty_messages || rep->bad_bodies ||

@@ -311,7 +311,13 @@ main(int argc, char **argv)
             fprintf(stderr, "sluice-spool: %s db=%s key=%s id=%s\n", r.listed[i].what,
                     r.listed[i].db, r.listed[i].key, qid[0] ? qid : "-");
         }
-        if (rc != 0 && rc != QUEUE_ECORRUPT)
+        if (r.lmdb_damage != NULL)
+            fprintf(stderr,
+                    "sluice-spool: %s: the spool is damaged: LMDB found a damaged page while "
+                    "reading %s (%s); LMDB keeps no checksums, so the problems listed before "
+                    "may be its echoes\n",
+                    argv[2], data, r.lmdb_damage);
+        else if (rc != 0 && rc != QUEUE_ECORRUPT)
             fprintf(stderr, "sluice-spool: check: %s\n", queue_strerror(rc));
         status = rc == 0 ? 0 : 1;
     } else {
