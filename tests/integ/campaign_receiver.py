@@ -29,8 +29,9 @@ by PID). PIPELINING is offered, so commands are answered in order.
 import argparse
 import asyncio
 import hashlib
-import json
 import time
+
+from harness import jsonl_writer
 
 
 def main():
@@ -44,11 +45,11 @@ def main():
     ap.add_argument("--greylist", type=float, default=3.0)
     ap.add_argument("--per-conn", type=int, default=0)
     a = ap.parse_args()
-    out = open(a.records, "a", buffering=1)
+    put = jsonl_writer(a.records)
     state = {"conns": 0, "open": 0, "first_rcpt": None, "soft": set()}
 
     def record(**kw):
-        out.write(json.dumps(kw) + "\n")
+        put(kw)
 
     async def session(reader, writer):
         state["conns"] += 1

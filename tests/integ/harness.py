@@ -99,6 +99,43 @@ def wait_until(cond, timeout, what):
         delay = min(delay * 2, 0.1)
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file another process appends to (a
+    receiver's records, the delivery log): [] while it does not exist.
+    A last line not yet whole is left for the next read. A line that is
+    whole but not JSON is read once more from a fresh open (a reader can
+    meet a write in progress on some file systems); if it is still not
+    JSON the test fails naming the file, the line and its text."""
+    for attempt in (1, 2):
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")[:-1]
+        except FileNotFoundError:
+            return []
+        recs = []
+        for k, ln in enumerate(lines, 1):
+            try:
+                recs.append(json.loads(ln))
+            except ValueError as e:
+                if attempt == 2:
+                    raise AssertionError(f"{path}: line {k} is not JSON ({e}): {ln[:300]!r}")
+                break
+        else:
+            return recs
+    return recs
+
+
+def jsonl_writer(path):
+    """put(obj): append obj to path as one JSON line in one write(2) on an
+    O_APPEND descriptor, so a reader never meets two records' bytes mixed
+    (the test receivers' records)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def put(obj):
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+    return put
+
+
 @contextlib.contextmanager
 def extra_env(env):
     """os.environ with env's variables set for the block (a test shim's

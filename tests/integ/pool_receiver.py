@@ -17,8 +17,9 @@ It runs until killed (the test stops it by PID). PIPELINING is offered,
 so commands are answered in the order they come, as RFC 2920 wants.
 """
 import asyncio
-import json
 import sys
+
+from harness import jsonl_writer
 
 
 def main():
@@ -28,15 +29,15 @@ def main():
         refuse = set(sys.argv[5].split(","))
     greylist = "--greylist" in sys.argv[4:]
     seen = set()  # (peer, recipient) greylisted once already
-    out = open(path, "a", buffering=1)
+    put = jsonl_writer(path)
 
     async def session(reader, writer):
         peer = writer.get_extra_info("peername")[0]
-        out.write(json.dumps({"peer": peer, "conn": "open"}) + "\n")
+        put({"peer": peer, "conn": "open"})
         try:
             await conversation(reader, writer, peer)
         finally:
-            out.write(json.dumps({"peer": peer, "conn": "closed"}) + "\n")
+            put({"peer": peer, "conn": "closed"})
 
     async def conversation(reader, writer, peer):
         if peer in refuse:
@@ -64,8 +65,7 @@ def main():
                     rcpt = cmd[8:].strip()
                     if greylist and (peer, rcpt) not in seen:
                         seen.add((peer, rcpt))
-                        out.write(json.dumps({"peer": peer, "rcpt": rcpt,
-                                              "greylisted": True}) + "\n")
+                        put({"peer": peer, "rcpt": rcpt, "greylisted": True})
                         writer.write(b"450 4.2.0 %s: Recipient address rejected: Greylisted, "
                                      b"see http://postgrey.schweikert.ch/help/rx.test.html\r\n"
                                      % rcpt.encode("latin-1"))
@@ -87,8 +87,8 @@ def main():
                             in_header = False
                         elif in_header and body.lower().startswith(b"x-sluice-"):
                             control = True
-                    out.write(json.dumps({"peer": peer, "ehlo": ehlo, "from": sender,
-                                          "rcpts": rcpts, "control": control}) + "\n")
+                    put({"peer": peer, "ehlo": ehlo, "from": sender, "rcpts": rcpts,
+                         "control": control})
                     writer.write(b"250 2.0.0 queued\r\n")
                 elif verb == "RSET":
                     sender, rcpts = None, []

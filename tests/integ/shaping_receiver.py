@@ -16,16 +16,17 @@ again (the test's "the receiver is happy again").
 It runs until killed (the test stops it by PID). PIPELINING is offered.
 """
 import asyncio
-import json
 import os
 import sys
 import time
+
+from harness import jsonl_writer
 
 
 def main():
     host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     peer_bad, after, reply, switch = sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7]
-    out = open(path, "a", buffering=1)
+    put = jsonl_writer(path)
     accepted = {"n": 0}
 
     def bad(peer, sender):
@@ -35,7 +36,7 @@ def main():
 
     def record(**kw):
         kw["t"] = time.time()
-        out.write(json.dumps(kw) + "\n")
+        put(kw)
 
     async def session(reader, writer):
         peer = writer.get_extra_info("peername")[0]

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from harness import Sluice, Workdir, free_port, main, skip, wait_until
+from harness import Sluice, Workdir, free_port, main, read_jsonl, skip, wait_until
 import test_delivery
 from test_delivery import Dns, connectable, records_for
 
@@ -53,19 +53,12 @@ class Receiver:
 
     def records(self, greylisted=False):
         """The messages accepted; greylisted: the RCPTs greylisted instead."""
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            recs = [json.loads(ln) for ln in f if ln.endswith("\n")]
-        return [r for r in recs if "conn" not in r and r.get("greylisted", False) == greylisted]
+        return [r for r in read_jsonl(self.path)
+                if "conn" not in r and r.get("greylisted", False) == greylisted]
 
     def open_from(self, peers):
         """How many connections from peers are open at the receiver."""
-        if not os.path.exists(self.path):
-            return 0
-        with open(self.path) as f:
-            recs = [json.loads(ln) for ln in f if ln.endswith("\n")]
-        return sum(1 if r["conn"] == "open" else -1 for r in recs
+        return sum(1 if r["conn"] == "open" else -1 for r in read_jsonl(self.path)
                    if r.get("conn") and r["peer"] in peers)
 
     def wait(self, n, timeout=240):

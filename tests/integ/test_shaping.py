@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 
-from harness import Sluice, Workdir, free_port, log_time, main, skip, wait_until
+from harness import Sluice, Workdir, free_port, log_time, main, read_jsonl, skip, wait_until
 import test_delivery
 from test_delivery import Dns, connectable, records_for
 from test_limits_integ import Redis
@@ -82,10 +82,7 @@ class Receiver:
         assert self.proc.poll() is None, "the receiver did not start"
 
     def records(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(ln) for ln in f if ln.endswith("\n")]
+        return read_jsonl(self.path)
 
     def stop(self):
         self.proc.kill()
@@ -181,11 +178,7 @@ pool = bulk
                 assert not c.sendmail(f"news@{tenant}.example", rcpts, body)
 
     def dlog_events(self, kind):
-        if not os.path.exists(self.dlog):
-            return []
-        with open(self.dlog) as f:
-            return [e for e in (json.loads(ln) for ln in f if ln.endswith("\n"))
-                    if e["event"] == kind]
+        return [e for e in read_jsonl(self.dlog) if e["event"] == kind]
 
     def stop(self):
         if self.d is not None and self.d.proc.poll() is None:

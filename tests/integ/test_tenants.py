@@ -15,7 +15,7 @@ import shutil
 import smtplib
 import sys
 
-from harness import Sluice, Workdir, free_port, main, skip, spool_tool, wait_until
+from harness import Sluice, Workdir, free_port, main, read_jsonl, skip, spool_tool, wait_until
 import test_delivery
 from test_delivery import Dns, Sink, records_for
 
@@ -140,12 +140,9 @@ pool = bulk
             return json.loads(f.readline())
 
     def events(self):
-        """The delivery log's events; a last line not yet whole (a read
-        can see part of a flush's write) is left for the next read."""
-        if not os.path.exists(self.dlog):
-            return []
-        with open(self.dlog) as f:
-            return [json.loads(ln) for ln in f if ln.endswith("\n")]
+        """The delivery log's events (read_jsonl: a last line not yet
+        whole is left for the next read)."""
+        return read_jsonl(self.dlog)
 
     def wait_events(self, pred, n, timeout=30):
         return wait_until(lambda: [e for e in self.events() if pred(e)][:n]

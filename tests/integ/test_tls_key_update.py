@@ -21,14 +21,13 @@ over memory BIOs, and ctypes calls SSL_key_update on the SSL of the object
 done safely."""
 import ctypes
 import ctypes.util
-import json
 import os
 import socket
 import ssl
 import sys
 import threading
 
-from harness import main, run, skip, wait_until
+from harness import main, read_jsonl, run, skip, wait_until
 
 SLUICE = sys.argv[1]
 FLOOD = 800  # 800 answers of 27 octets: 21 KB, over the output buffer
@@ -291,11 +290,7 @@ def outbound_case(n, flood):
             assert "state=ehlo" in conn and "a flood" in conn, conn
 
             def deferrals():
-                if not os.path.exists(r.dlog):
-                    return []
-                with open(r.dlog) as f:  # a last line not yet whole: the next read's
-                    evs = [json.loads(ln) for ln in f if ln.endswith("\n")]
-                return [e for e in evs if e["event"] == "transient_failure"]
+                return [e for e in read_jsonl(r.dlog) if e["event"] == "transient_failure"]
             wait_until(lambda: deferrals(), 10, "the deferral in the delivery log")
             ev = deferrals()[0]
             assert ev["rcpt"] == "x@ku.test", ev
