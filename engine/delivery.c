@@ -1048,6 +1048,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
             .backoff_ms = cfg->delivery.backoff,
             .backoff_step_ms = cfg->delivery.backoff_step,
             .redis_timeout_ms = cfg->redis.timeout,
+            .node_caps = e->node_caps,
         };
         int lrc = limits_new(w, &lo, &d->lim, err, errlen);
         if (lrc < 0) {

@@ -44,6 +44,7 @@
 #include "engine/auth_pool.h"
 #include "engine/config_gen.h"
 #include "engine/delivery.h"
+#include "engine/node_caps.h"
 #include "engine/route.h"
 #include "engine/outbound/site.h"
 #include "dkim/dkim.h"
@@ -692,12 +693,13 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     if (cfg->server.workers > 1)
         e->route = route_new();
     e->site_addrs = site_addrs_new(cfg->server.workers);
+    e->node_caps = node_caps_new(cfg->server.workers);
     e->gens = config_gens_new(cfg, cfg->server.workers);
     e->cfg_start = cfg;
     e->gens_msgs = calloc(cfg->server.workers, sizeof(*e->gens_msgs));
     e->warmup_cfg = cfg;
     if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
-        (cfg->server.workers > 1 && e->route == NULL) || e->site_addrs == NULL ||
+        (cfg->server.workers > 1 && e->route == NULL) || e->site_addrs == NULL || e->node_caps == NULL ||
         e->gens == NULL || e->gens_msgs == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
         rc = -ENOMEM;
@@ -1086,6 +1088,8 @@ engine_stop(struct engine *e)
     e->route = NULL;
     site_addrs_free(e->site_addrs); /* after every worker's connections */
     e->site_addrs = NULL;
+    node_caps_free(e->node_caps); /* after every worker's limiter */
+    e->node_caps = NULL;
     e->workers = NULL;
     e->srv = NULL;
     e->dlv = NULL;

@@ -48,6 +48,7 @@ struct conn_table {
 
 struct route;
 struct site_addrs;
+struct node_caps;
 
 struct engine {
     /* Replaced whole by a reload while the workers are parked
@@ -144,6 +145,9 @@ struct engine {
     /* owned: connections per MX address, every worker's (outbound/site.h:
      * max_connections_per_address holds for the node) */
     struct site_addrs *site_addrs;
+    /* owned: connections under each [mx] and [source] max_connections
+     * without [redis], every worker's (node_caps.h) */
+    struct node_caps *node_caps;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     _Atomic unsigned bounce_clients; /* the bounce listener's, counted apart: a flood of
                                       * remote MXs there never takes submission's */

@@ -15,7 +15,12 @@
  * acquire. When Redis will not take a request, the key decides locally,
  * at the local share.
  *
- * Threading: the owning worker's thread only.
+ * Without Redis, a key whose cap is the node's (limit_conf.spread > 1: an
+ * [mx] or [source] section's) counts its leases in node_caps too, beside
+ * the other workers' (node_caps.h): a lease is refused there when the
+ * node holds the cap, or what is left is owed to a worker below its floor.
+ *
+ * Threading: the owning worker's thread only (node_caps: its own locks).
  */
 #include "engine/limits.h"
 
@@ -28,6 +33,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "engine/limits_internal.h"
+#include "engine/node_caps.h"
 #include "engine/redis.h"
 
 #define HELD_MIN_NS MS_TO_NS(100)
@@ -59,7 +65,8 @@ gcra_take(uint64_t *tat, uint64_t T, uint64_t tau, uint64_t now, unsigned want,
 
 /* The divisor of k's limits while they cannot be shared through Redis:
  * one per expected node, times the limiters of this node that hold the
- * same key (conf.spread). Without Redis the caller has split them. */
+ * same key (conf.spread). Without Redis the caller has split the rates
+ * (a cap held by several is the node's: local_lease). */
 static unsigned
 local_share(const struct limits *l, const struct limit_key *k)
 {
@@ -92,6 +99,7 @@ limits_new(struct worker *w, const struct limits_opts *o, struct limits **out, c
         return -ENOMEM;
     }
     l->w = w;
+    l->node_caps = o->node_caps;
     l->nodes = o->nodes ? o->nodes : 1;
     l->batch = o->token_batch ? o->token_batch : 10;
     l->ttl_ns = MS_TO_NS(o->lease_ttl_ms ? o->lease_ttl_ms : 30000);
@@ -160,6 +168,48 @@ limits_free(struct limits *l)
     return NULL;
 }
 
+/* This limiter's worker, for the node's counts. */
+static unsigned
+worker_id(const struct limits *l)
+{
+    return l->w != NULL ? l->w->id : 0;
+}
+
+/* Is k's cap the node's: held by several of its limiters, no Redis? */
+static bool
+node_wide(const struct limits *l, const struct limit_key *k)
+{
+    return k->conf.spread > 1 && k->conf.max_connections != 0 && l->r == NULL;
+}
+
+/* k's node count, when its cap is the node's (a table given). Without
+ * memory for the entry the key keeps its worker's part of the cap
+ * (lease_cap), as before there were counts. */
+static void
+node_attach(struct limits *l, struct limit_key *k)
+{
+    if (k->node == NULL && node_wide(l, k) && l->node_caps != NULL)
+        k->node = node_cap_get(l->node_caps, k->name);
+}
+
+/* Is k's cap counted for the node now? */
+static bool
+node_counted(const struct limits *l, const struct limit_key *k)
+{
+    return k->node != NULL && node_wide(l, k);
+}
+
+/* The lease just popped from k: its node slot back, when it had one (the
+ * newest leases are the counted ones: node_held). */
+static void
+node_popped(struct limits *l, struct limit_key *k)
+{
+    if (k->node != NULL && k->node_held > k->nleases) {
+        node_cap_give(k->node, worker_id(l));
+        k->node_held--;
+    }
+}
+
 int
 limits_key_init(struct limits *l, struct limit_key *k, const char *name,
                 const struct limit_conf *c, limit_wake_fn *wake, void *wake_arg)
@@ -178,6 +228,7 @@ limits_key_init(struct limits *l, struct limit_key *k, const char *name,
     k->wake_arg = wake_arg;
     k->bo_factor = FACTOR_ONE;
     k->l = l;
+    node_attach(l, k);
     k->next = l->keys;
     if (l->keys != NULL)
         l->keys->prev = k;
@@ -189,8 +240,8 @@ limits_key_init(struct limits *l, struct limit_key *k, const char *name,
 void
 limits_key_set(struct limits *l, struct limit_key *k, const struct limit_conf *c)
 {
-    (void)l;
     k->conf = *c;
+    node_attach(l, k);
 }
 
 void
@@ -204,6 +255,8 @@ limits_key_fini(struct limits *l, struct limit_key *k)
         if (k->ready_lease != 0)
             limits_redis_release(owner, k, k->ready_lease);
         owner->leases -= k->nleases;
+        for (; k->node != NULL && k->node_held > 0; k->node_held--)
+            node_cap_give(k->node, worker_id(owner));
         if (k->msg_req != NULL)
             k->msg_req->k = NULL;
         if (k->conn_req != NULL)
@@ -341,17 +394,45 @@ lease_push(struct limits *l, struct limit_key *k, uint64_t id)
 }
 
 /* k's max_connections for this limiter (at least one); 0: none. Shared
- * through Redis, or without it, the whole cap; else local_part's (at
- * least one for the node, and for the worker): a cap of 3 over two
- * workers is 2 and 1 (each took 1 before, 2 in all). */
+ * through Redis, or without it, the whole cap (a node-wide one is also
+ * counted for the node: local_lease); else local_part's (at least one for
+ * the node, and for the worker): a cap of 3 over two workers is 2 and 1
+ * (each took 1 before, 2 in all). A node-wide cap without its count (no
+ * memory for it) is split between the node's workers (conf.spread). */
 static unsigned
 lease_cap(const struct limits *l, const struct limit_key *k, bool shared)
 {
     unsigned max = k->conf.max_connections;
+    if (node_wide(l, k) && k->node == NULL) {
+        unsigned part = limits_part(max, k->conf.spread, worker_id(l));
+        return part ? part : 1;
+    }
     if (max == 0 || shared || l->r == NULL)
         return max;
     unsigned part = local_part(l, k, max);
     return part ? part : 1;
+}
+
+/* A lease of k decided here: its slot of the node's count first, when
+ * its cap is counted there (refused: false, *retry_at_ns a poll time,
+ * for a connection of another worker that ends wakes nothing here). */
+static bool
+local_lease(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
+{
+    bool counted = node_counted(l, k);
+    if (counted && node_cap_take(k->node, worker_id(l), k->conf.max_connections, now_ns) < 0) {
+        k->want_wake = true;
+        *retry_at_ns = now_ns + MS_TO_NS(NODE_CAP_POLL_MS);
+        return false;
+    }
+    if (!lease_push(l, k, ++l->next_lease)) {
+        if (counted)
+            node_cap_give(k->node, worker_id(l));
+        return false;
+    }
+    if (counted)
+        k->node_held++;
+    return true;
 }
 
 /* A lease of k, and a connection-rate token when rated: both or neither. */
@@ -442,7 +523,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
             l->st.conns_refused++;
             return false;
         }
-        if (!lease_push(l, k, ++l->next_lease)) {
+        if (!local_lease(l, k, now_ns, retry_at_ns)) {
             l->st.conns_refused++;
             return false;
         }
@@ -451,7 +532,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         k->conn_tat = tat; /* both or neither */
         return true;
     }
-    if (!lease_push(l, k, ++l->next_lease)) {
+    if (!local_lease(l, k, now_ns, retry_at_ns)) {
         l->st.conns_refused++;
         return false;
     }
@@ -479,6 +560,7 @@ limits_conn_unacquire(struct limits *l, struct limit_key *k, uint64_t now_ns)
         return;
     }
     uint64_t id = k->leases[--k->nleases];
+    node_popped(l, k);
     l->leases--;
     l->st.conns_granted--;
     if (k->undo == LIMIT_UNDO_READY && k->ready_lease == 0) {
@@ -501,6 +583,7 @@ limits_conn_release(struct limits *l, struct limit_key *k)
         return;
     }
     uint64_t id = k->leases[--k->nleases];
+    node_popped(l, k);
     l->leases--;
     limits_redis_release(l, k, id);
     /* Shared: the next acquire asks Redis at once, not at the end of a
@@ -508,6 +591,41 @@ limits_conn_release(struct limits *l, struct limit_key *k)
      * ahead of it on the one connection, so a domain of this worker
      * waiting for the cap gets the lease this connection held. */
     k->conn_retry_at = 0;
+}
+
+bool
+limits_node_wanted(struct limits *l, struct limit_key *k, uint64_t now_ns)
+{
+    return node_counted(l, k) &&
+           node_cap_claim(k->node, worker_id(l), k->conf.max_connections, now_ns);
+}
+
+bool
+limits_key_node_wide(const struct limit_key *k)
+{
+    return k->l != NULL && node_counted(k->l, k);
+}
+
+bool
+limits_key_over(const struct limit_key *k, unsigned quitting, uint64_t now_ns)
+{
+    unsigned cap = k->conf.max_connections;
+    if (cap == 0)
+        return false;
+    if (limits_key_node_wide(k))
+        cap = node_cap_allow(k->node, worker_id(k->l), cap, now_ns);
+    return k->nleases > quitting + cap || limits_key_excess(k) > 0;
+}
+
+bool
+limits_key_capped(const struct limit_key *k, uint64_t now_ns)
+{
+    unsigned cap = k->conf.max_connections;
+    if (cap == 0)
+        return false;
+    if (k->nleases >= cap || limits_key_full(k))
+        return true;
+    return limits_key_node_wide(k) && node_cap_full(k->node, worker_id(k->l), cap, now_ns);
 }
 
 bool

@@ -95,6 +95,8 @@ struct limits_opts {
     uint64_t backoff_step_ms;   /* 0: 30000 between steps back up */
     uint64_t redis_timeout_ms;  /* 0: 1000; a slower reply counts as Redis down */
     uint64_t reconnect_min_ms, reconnect_max_ms; /* 0: 100, 5000 */
+    struct node_caps *node_caps; /* borrowed; the node's counts of the caps it shares
+                                  * (node_caps.h); NULL: none */
 };
 
 /* What a key may do; count 0 in a rate or max_connections 0: unlimited. */
@@ -106,7 +108,10 @@ struct limit_conf {
     unsigned max_connections;
     unsigned spread;          /* limiters on this node holding this key (0: 1): the
                                * local share while Redis is away is 1/(nodes * spread)
-                               * (a cap's and burst's parts: limits_part) */
+                               * (a cap's and burst's parts: limits_part); without a
+                               * redis_url, max_connections of a key held by more
+                               * than one is the node's, counted for them all in
+                               * limits_opts.node_caps (node_caps.h) */
 };
 
 #define LIMIT_KEY_MAX 256
@@ -161,6 +166,9 @@ struct limit_key {
     uint64_t ready_at;
     uint64_t bo_hold_until;
     uint32_t shape_factor;     /* a shaping action's scale in 1/1024; 0: none */
+    unsigned node_held;        /* leases counted in node (node_cap_take; in the padding):
+                                * the newest are given back first, so one taken before
+                                * the key was counted is never given back there */
     uint64_t shape_T;          /* a shaping action's least message interval, ns; 0: none */
     bool suspended;
     bool want_wake;            /* a call was refused: wake on news */
@@ -170,6 +178,8 @@ struct limit_key {
     uint8_t undo;              /* what the last successful acquire took (enum limit_undo) */
     uint16_t excess;           /* shared: leases of this limiter beyond the cap by Redis's
                                 * last refresh (limits_key_excess; in the padding) */
+    struct node_cap *node;     /* borrowed: the node's count of its cap (conf.spread);
+                                * NULL: none */
 };
 
 /* A limiter on w (borrowed: outlives it). With a redis_url the host is
@@ -245,6 +255,18 @@ bool limits_key_full(const struct limit_key *k);
  * set is still over. 0 in local mode. */
 unsigned limits_key_excess(const struct limit_key *k);
 void limits_key_excess_taken(struct limit_key *k);
+/* Does k hold more leases than its max_connections lets it keep now,
+ * quitting of them counted as gone (told to end already)? Its cap; or,
+ * counted for the node (limits_key_node_wide), what this worker may keep
+ * beside the others (node_cap_allow: one fewer when it is past its floor
+ * and another worker waits); or, shared, Redis's excess. */
+bool limits_key_over(const struct limit_key *k, unsigned quitting, uint64_t now_ns);
+/* Would a lease of k be refused now for its cap (not its rate)? */
+bool limits_key_capped(const struct limit_key *k, uint64_t now_ns);
+/* Is k's cap counted for the node (conf.spread > 1, no redis_url)? A
+ * refusal by the node's count comes with a time (NODE_CAP_POLL_MS on):
+ * a connection of another worker that ends wakes nothing here. */
+bool limits_key_node_wide(const struct limit_key *k);
 /* Shared mode: was k's last message token refused while a request for
  * its tokens is in flight to Redis? Its answer wakes k (the key's wake
  * function); the refusal's *retry_at_ns is only that request's timeout,
@@ -261,8 +283,11 @@ bool limits_key_asking(const struct limit_key *k);
  * every LIMIT_WANT_POLL_MS knows within two of them. An answer of yes
  * takes the mark: one holder answers each refusal (the waiter marks
  * again at its next refusal). The holder of an idle connection asks,
- * and gives its lease back. False in local mode and while Redis is
- * away. */
+ * and gives its lease back. Without Redis, for a cap counted for the
+ * node (limits_key_node_wide): whether another worker of the node was
+ * refused a slot and waits, now (node_cap_claim: a yes takes its want;
+ * nothing asked, w unused). False otherwise in local mode and while
+ * Redis is away. */
 #define LIMIT_WANT_POLL_MS 250
 bool limits_key_wanted(struct limits *l, struct limit_key *k, struct limit_want *w,
                        uint64_t now_ns);

@@ -56,6 +56,7 @@ struct limits {
     bool bad_logged;   /* event=redis_bad_reply said (once per limiter) */
     bool load_logged;  /* event=redis_script_load_failed said since the last load */
     bool err_logged;   /* event=redis_script_error said on this connection */
+    struct node_caps *node_caps; /* borrowed: limits_opts.node_caps */
     struct limit_key *keys; /* borrowed: attached keys */
     struct limit_req *reqs; /* owned: in flight */
     uint64_t next_lease;
@@ -64,6 +65,10 @@ struct limits {
     struct timer script_timer; /* SCRIPT LOAD again after a refusal */
     struct limits_stats st;
 };
+
+/* Without Redis: does another worker want a slot of k's cap counted for
+ * the node (limits_key_wanted)? A yes takes its want. */
+bool limits_node_wanted(struct limits *l, struct limit_key *k, uint64_t now_ns);
 
 /* --- the rate arithmetic both halves run ------------------------------ */
 

@@ -742,6 +742,8 @@ limits_redis_stop(struct limits *l)
 bool
 limits_key_wanted(struct limits *l, struct limit_key *k, struct limit_want *w, uint64_t now_ns)
 {
+    if (l->r == NULL)
+        return limits_node_wanted(l, k, now_ns);
     if (!l->shared || k->conf.max_connections == 0 || now_ns < k->local_until)
         return false;
     k->want = w;

@@ -31,7 +31,8 @@
  *
  * And only where no limit is split between the workers would be taken
  * whole by one (each worker holds a share of it, and a site gathered on
- * one worker would get one share): mail without a pool (a pool's sources have
+ * one worker would get one share; without [redis] an [mx] or [source]
+ * section's rates are, its cap is the node's): mail without a pool (a pool's sources have
  * [source] limits), to MX hosts no [mx] section names, from a default
  * source no [source] section names; with [redis] url the limits are
  * Redis's, whole for every worker, so only the pool rule holds. The cap

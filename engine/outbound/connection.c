@@ -389,8 +389,9 @@ conn_body(struct conn *c)
 }
 
 /* c idles up to ms: at once, or in steps of LIMIT_WANT_POLL_MS while it
- * holds a slot of a cap shared through [redis] (idle_poll: each step
- * asks whether a worker or node elsewhere waits for one). */
+ * holds a slot of a cap shared through [redis] or by the node's workers
+ * (idle_poll: each step asks whether a worker or node elsewhere waits
+ * for one). */
 static void
 conn_idle_wait(struct conn *c, uint64_t ms)
 {

@@ -12,10 +12,13 @@
  *   key's connections, or after a moment idle to one holding as many
  *   (key_slot_wanted: the slots shared evenly between the sites); an
  *   idle one gives it when such a site starts waiting (key_idle_kick:
- *   each key lists its idle holders, conn_idle_push and _unlink). With
- *   [redis] one idle on a slot of a capped key asks every 250 ms whether
- *   a worker or node elsewhere waits for one (sched_conn_wanted_elsewhere,
- *   limits_key_wanted) and gives it if so.
+ *   each key lists its idle holders, conn_idle_push and _unlink). A cap
+ *   is shared beyond the worker: with [redis] across the nodes, without
+ *   it counted for the node's workers (engine/node_caps.h, through the
+ *   limiter: a refusal there comes with a poll time). One idle on a slot
+ *   of such a cap asks every 250 ms whether a worker or node elsewhere
+ *   waits for one (sched_conn_wanted_elsewhere, limits_key_wanted) and
+ *   gives it if so.
  * - Sources: which egress address of a destination's pool the next
  *   connection goes from (dest_source: per weight, one connection per
  *   source before a second from any, not a held, suspended or warmed-up
@@ -74,21 +77,23 @@ mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_
     memset(lc, 0, sizeof(*lc));
     if (m == NULL)
         return; /* a pattern gone after a reload: no limit */
-    /* Without Redis each worker holds its part: the domains behind one MX
-     * are spread over the workers. */
+    /* Without Redis each worker holds its part of the rates: the domains
+     * behind one MX are spread over the workers. */
     unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
     unsigned me = d->w != NULL ? d->w->id : 0;
     lc->msg_rate = rate_part(m->max_message_rate, share);
     lc->msg_burst = limits_part(m->message_burst, share, me);
     lc->conn_rate = rate_part(m->max_connection_rate, share);
     lc->conn_burst = limits_part(m->connection_burst, share, me);
-    /* At least one: a worker without would never connect (0: no cap). */
-    lc->max_connections = limits_part(m->max_connections, share, me);
-    if (lc->max_connections == 0 && m->max_connections != 0)
-        lc->max_connections = 1;
-    /* With Redis every worker holds the key whole; while Redis is away
-     * each keeps its share of the node's share. */
-    lc->spread = share == 1 ? d->e->nworkers : 1;
+    /* The cap is whole on every worker: with Redis it counts the leases
+     * of every node there, without it those of every worker of this node
+     * (node_caps.h), so a domain alone behind the section (its mail goes
+     * out from one worker) may use all of it. */
+    lc->max_connections = m->max_connections;
+    /* Every worker holds the key: with Redis, while it is away each keeps
+     * its share of the node's share; without, the cap is counted for the
+     * node (limits.h). */
+    lc->spread = d->e->nworkers;
 }
 
 void
@@ -327,9 +332,16 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
          * ever: its connection, resumed and idle again each time,
          * never reached its idle_timeout either. A token booked but
          * not yet due (no request in flight) is t's timer's. */
-        if (t->d->e->cfg->redis.url == NULL)
-            return;
-        if (lease)
+        if (t->d->e->cfg->redis.url == NULL) {
+            /* Without [redis], a cap counted for the node refused t with
+             * a poll time (limits_key_node_wide): another worker holds
+             * slots, whose ends wake nothing here. t also waits on the
+             * key, so that one of this worker's ending runs it, and this
+             * worker's idle holders see it as for a full cap. */
+            if (!lease || !limits_key_node_wide(&k->lim))
+                return;
+            full = true;
+        } else if (lease)
             full = limits_key_full(&k->lim);
         else if (!limits_key_asking(&k->lim))
             return;
@@ -406,10 +418,13 @@ key_slot_wanted(const struct conn *c, struct mxkey *k)
     return wanted;
 }
 
+/* Is k's cap shared beyond this worker: through Redis, or without it
+ * counted for the node's workers (limits_key_node_wide)? */
 static bool
 key_shared_cap(const struct delivery *d, const struct mxkey *k)
 {
-    return k != NULL && k->lim.conf.max_connections != 0 && d->e->cfg->redis.url != NULL;
+    return k != NULL && k->lim.conf.max_connections != 0 &&
+           (d->e->cfg->redis.url != NULL || limits_key_node_wide(&k->lim));
 }
 
 bool
@@ -424,7 +439,7 @@ sched_conn_want_ask(struct conn *c)
     struct delivery *d = c->d;
     struct mxkey *keys[2] = {c->mxk, c->srck != c->mxk ? c->srck : NULL};
     for (int i = 0; i < 2; i++)
-        if (key_shared_cap(d, keys[i]))
+        if (key_shared_cap(d, keys[i]) && !limits_key_node_wide(&keys[i]->lim))
             (void)limits_key_wanted(d->lim, &keys[i]->lim, &keys[i]->want, d->w->now);
 }
 
@@ -844,7 +859,7 @@ sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t, unsi
  * own (shape_key), the destination's and the other sources' are
  * untouched. A fraction is of the message rate configured for c's
  * destination. Without Redis each worker has its own key, so an absolute
- * rate is split between the workers, as the [mx] limits are. While it
+ * rate is split between the workers, as the [mx] rates are. While it
  * holds, the source cannot carry its weighted share at the site
  * (shaped_until): the other sources' connections do not give way to it. */
 static void

@@ -244,8 +244,9 @@ struct conn {
                            * slot: for KEY_IDLE_GRACE_MS, then goodbye (limit_wanted) */
     bool on_idle;         /* on its site's idle list (conn_idle_push, conn_idle_unlink) */
     bool idle_poll;       /* idle holding a slot of an [mx] or [source] cap shared
-                           * through [redis]: asks every LIMIT_WANT_POLL_MS whether a
-                           * worker or node elsewhere waits for one (limit_wanted) */
+                           * through [redis] or by the node's workers: asks every
+                           * LIMIT_WANT_POLL_MS whether a worker or node elsewhere
+                           * waits for one (limit_wanted) */
     uint64_t idle_left_ms; /* ...and idles that much longer after this step */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     uint64_t txn_ns;      /* worker clock: its transaction began (MAIL sent), until the
@@ -989,15 +990,19 @@ unsigned sched_conn_max_rcpt(const struct conn *c);
  * c's [mx] or [source] limit? (c idle_short: else it idles on for
  * idle_timeout.) */
 bool sched_conn_key_wanted(const struct conn *c);
-/* Does c hold a slot of an [mx] or [source] cap shared through [redis]
- * (idle_poll: it asks every LIMIT_WANT_POLL_MS while idle)? */
+/* Does c hold a slot of an [mx] or [source] cap shared through [redis],
+ * or, without it, counted for the node's workers (idle_poll: it asks
+ * every LIMIT_WANT_POLL_MS while idle)? */
 bool sched_conn_key_polled(const struct conn *c);
-/* With [redis]: did a limiter elsewhere, another worker or node, wait
- * for a slot of c's shared cap, unanswered (limits_key_wanted: asks
- * Redis at most every LIMIT_WANT_POLL_MS)? True once per such waiter:
- * the caller gives c's slot. */
+/* Did a limiter elsewhere wait for a slot of c's shared cap, unanswered:
+ * with [redis] another worker or node (limits_key_wanted: asks Redis at
+ * most every LIMIT_WANT_POLL_MS), without it another worker of this node
+ * (its want, node_caps.h)? True once per such waiter: the caller gives
+ * c's slot. */
 bool sched_conn_wanted_elsewhere(struct conn *c);
-/* Ask it now (an answer ready at c's first idle step), acting on none. */
+/* Ask Redis now (an answer ready at c's first idle step), acting on
+ * none; no question for a cap counted for the node (its answer is at
+ * hand: sched_conn_wanted_elsewhere). */
 void sched_conn_want_ask(struct conn *c);
 
 /* ---- outbound/egress.c: [mx] and [source] limits, sources, shaping ---- */

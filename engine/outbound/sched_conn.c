@@ -146,20 +146,20 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
 }
 
 /* Does this worker hold more connections of key k ([mx] or [source])
- * than its max_connections (a reload lowered it), those told to end
- * already aside? The configured cap: without [redis] this worker's part
- * of it (mx_limit_conf), with it the whole, against this worker's own
+ * than its max_connections lets it keep (a reload lowered it), those
+ * told to end already aside? Without [redis], what it may keep beside
+ * the node's other workers (limits_key_over: past its floor while
+ * another worker below its floor waits, one fewer than it holds; so its
+ * connections give their slots back one by one, each after its
+ * transaction); with it the whole cap, against this worker's own
  * count only, or those Redis counts beyond it across the nodes
  * (limits_key_excess: opened on local shares during an outage); never
  * the smaller local share of a Redis outage, which refuses new
  * connections but ends none. */
 static bool
-key_over_cap(const struct mxkey *k)
+key_over_cap(const struct mxkey *k, uint64_t now)
 {
-    if (k == NULL)
-        return false;
-    unsigned cap = k->lim.conf.max_connections;
-    return cap != 0 && (k->lim.nleases > k->quitting + cap || limits_key_excess(&k->lim) > 0);
+    return k != NULL && limits_key_over(&k->lim, k->quitting, now);
 }
 
 /* Jobs looked at past the ones c's MX host refused (detour_pass), or
@@ -340,9 +340,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     static const char over_cap[] = "max_connections";
     bool over = t->conns > t->conns_quitting + t->pol->max_connections ||
                 (!c->over_cap && limits_key_excess(&t->lim) > 0);
-    /* So too over an [mx] or [source] section's (this worker's part) */
-    bool over_mk = !c->over_mk && key_over_cap(c->mxk);
-    bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(c->srck);
+    /* So too over an [mx] or [source] section's (key_over_cap) */
+    bool over_mk = !c->over_mk && key_over_cap(c->mxk, d->w->now);
+    bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(c->srck, d->w->now);
     const char *quit = c->nmsgs >= sched_conn_max_msgs(c)  ? "max_messages"
                        : d->stopping || d->draining        ? "stopping"
                        : over || over_mk || over_sk        ? over_cap
@@ -551,6 +551,14 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
              * of a cap shared through Redis asks again while it idles). */
             c->idle_short = kw == 1;
             c->idle_poll = sched_conn_key_polled(c);
+            if (c->idle_poll && fairq_empty(&t->q) && sched_conn_wanted_elsewhere(c)) {
+                /* Another worker waits for a slot of a cap counted for
+                 * the node (with [redis] the answer comes at the first
+                 * idle step): it gets this one now. */
+                c->quit_why = "limit_wanted";
+                *what = SCHED_NEXT_QUIT;
+                return NULL;
+            }
             if (c->idle_poll)
                 sched_conn_want_ask(c);
             c->idled = true;

@@ -219,9 +219,7 @@ detour_no_room(struct dest *t)
         (t->site != NULL && t->site->conns >= site_allowed(t)))
         return true;
     const struct mxkey *mk = dest_mxkey(t);
-    if (mk == NULL || mk->lim.conf.max_connections == 0)
-        return false;
-    return mk->lim.nleases >= mk->lim.conf.max_connections || limits_key_full(&mk->lim);
+    return mk != NULL && limits_key_capped(&mk->lim, t->d->w->now);
 }
 
 static void

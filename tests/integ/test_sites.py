@@ -177,6 +177,50 @@ def test_one_domain_has_the_whole_address_cap():
         r.close()
 
 
+def test_one_domain_has_the_whole_mx_cap():
+    """An [mx] section's max_connections without [redis] is the node's, as
+    the address cap is (engine/node_caps.h): one domain (its mail goes
+    from one worker) at a slow receiver under [mx mx.test]
+    max_connections = 6 holds 6 connections at once, never more. Before,
+    the cap was split between the two workers, and the domain got 3."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "1"],
+              domain_conf="[delivery]\ninitial_connections = 8\n"
+              "[mx mx.test]\nmax_connections = 6\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        body = b"Subject: t\r\n\r\ncap\r\n"
+        r.inject([("s@example.com", [f"u{k}@slow.test"], body) for k in range(18)])
+        r.d.wait_log_count("event=delivered", 18, timeout=60)
+        most = s.stop()
+        assert most == 6, f"{most} connections at once under the [mx] cap (6, one domain)"
+        assert len(connected_threads(r)) == 1
+    finally:
+        r.close()
+
+
+def test_workers_under_one_mx_cap_share_it():
+    """Domains an [mx mx.test] cap of 4 applies to are sent from both
+    workers (an [mx] section's domains stay on their name's worker), at
+    a slow receiver: the node holds no more than 4 connections there at
+    any moment, and each worker gets some (its floor, 2, when it
+    wants it), however many the first to start took."""
+    doms = [f"d{i}.test" for i in range(20)]
+    r = Relay(records_for(doms), sink_flags=["-w", "1"],
+              domain_conf="[delivery]\ninitial_connections = 4\n"
+              "[mx mx.test]\nmax_connections = 4\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        body = b"Subject: t\r\n\r\nshare\r\n"
+        msgs = [("s@example.com", [f"u{k}@{d}"], body) for k in range(2) for d in doms]
+        r.inject(msgs, sessions=4)
+        r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
+        most = s.stop()
+        assert most <= 4, f"{most} connections at once under the [mx] cap of 4"
+        assert len(connected_threads(r)) == 2, "the domains were not sent from both workers"
+    finally:
+        r.close()
+
+
 def test_workers_sharing_a_full_address_keep_their_connections():
     """A site sent from both workers (an [mx] section names its host: no
     site affinity), its address cap full (4, a share of 2 each) with mail
@@ -238,8 +282,7 @@ def test_two_sites_under_one_mx_cap_keep_their_connections():
 
 def test_a_domain_waiting_for_an_mx_cap_takes_an_idle_holders_slot():
     """a.test (on mxa.test) sends one message and its connection goes idle
-    on the slot of an [mx *.test] cap of 2 (one per worker without Redis)
-    while nobody waits; then ten domains of another site (mxb.test) have
+    on the slot of an [mx *.test] cap of 1 while nobody waits; then ten domains of another site (mxb.test) have
     mail. Those on a.test's worker are refused by the cap: the idle
     connection gives its slot at once, as it would have had they waited
     when it went idle. Before, it kept it to the end of idle_timeout (60 s
@@ -248,7 +291,7 @@ def test_a_domain_waiting_for_an_mx_cap_takes_an_idle_holders_slot():
     db = [f"b{i}.test" for i in range(10)]
     r = Relay(records_for(["a.test"], "mxa.test") + records_for(db, "mxb.test"),
               idle_timeout="60s",
-              domain_conf="[mx *.test]\nmax_connections = 2\n")
+              domain_conf="[mx *.test]\nmax_connections = 1\n")
     try:
         body = b"Subject: t\r\n\r\nidle holder\r\n"
         r.inject([("s@example.com", ["u@a.test"], body)])
@@ -783,7 +826,8 @@ if __name__ == "__main__":
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
           test_a_site_is_sent_from_one_worker, test_a_busy_site_is_sent_from_every_worker,
-          test_one_domain_has_the_whole_address_cap,
+          test_one_domain_has_the_whole_address_cap, test_one_domain_has_the_whole_mx_cap,
+          test_workers_under_one_mx_cap_share_it,
           test_workers_sharing_a_full_address_keep_their_connections,
           test_a_suspended_domain_never_rides_a_shared_connection,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,

@@ -51,6 +51,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "engine/limits.h"
+#include "engine/node_caps.h"
 #include "tests/support/redis_server.h"
 
 #define SEC 1000000000ULL
@@ -168,7 +169,7 @@ test_key_name_short_and_long(void **state)
     assert_int_equal(strlen(b.name), LIMIT_KEY_INLINE - 1);
     limits_key_fini(l, &b); /* twice: nothing freed twice */
     limits_key_fini(l, &a);
-    assert_true(sizeof(struct limit_key) <= 300);
+    assert_true(sizeof(struct limit_key) <= 304);
     /* a key still attached when its limiter goes: detached, its copy
      * freed there (its owner may then free it without a fini) */
     assert_int_equal(limits_key_init(l, &b, longname, &c, NULL, NULL), 0);
@@ -351,6 +352,117 @@ test_unlimited(void **state)
     assert_int_equal(limits_key_init(l, &k, "", &c, NULL, NULL), -EINVAL);
     limits_free(l);
     limits_key_fini(NULL, &k); /* detached: frees its lease array only */
+}
+
+/* Without Redis, a cap held by both workers' limiters (spread 2) is the
+ * node's (engine/node_caps.h): one worker alone may hold all of it; the
+ * other, refused, is answered with a poll time (a connection of the
+ * first that ends wakes nothing there) and wants; then the first, past
+ * its floor (cap / 2), is over by one connection at a time, until the
+ * second has its floor. A cap a reload lowers below what both hold: each
+ * keeps its part, so together they end the excess only. Leases taken
+ * before the key was counted give back no slot of the node's. */
+static void
+test_conn_leases_node_wide(void **state)
+{
+    (void)state;
+    struct node_caps *t = node_caps_new(2);
+    assert_non_null(t);
+    static struct worker w0, w1;
+    w0.id = 0;
+    w1.id = 1;
+    struct limits_opts o = {.node_caps = t};
+    struct limits *a = NULL, *b = NULL;
+    char err[256];
+    assert_int_equal(limits_new(&w0, &o, &a, err, sizeof(err)), 0);
+    assert_int_equal(limits_new(&w1, &o, &b, err, sizeof(err)), 0);
+    struct limit_conf c = {0};
+    c.max_connections = 4;
+    c.spread = 2;
+    struct limit_key ka, kb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:gmail", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:gmail", &c, NULL, NULL), 0);
+    assert_true(limits_key_node_wide(&ka));
+    struct node_cap *x = node_cap_get(t, "mx:gmail");
+    uint64_t r, now = BASE;
+    for (int i = 0; i < 4; i++) /* the whole cap, on one worker */
+        assert_true(limits_conn_acquire(a, &ka, now, &r));
+    assert_false(limits_conn_acquire(a, &ka, now, &r));
+    assert_int_equal(r, UINT64_MAX); /* its own release wakes it */
+    assert_false(limits_key_over(&ka, 0, now));
+    assert_int_equal(node_cap_conns(x), 4);
+    /* the other worker: refused by the node's count, with a time */
+    assert_true(limits_key_capped(&kb, now));
+    assert_false(limits_conn_acquire(b, &kb, now, &r));
+    assert_int_equal(r, now + MS_TO_NS(NODE_CAP_POLL_MS));
+    /* it wants: the first is over by one (and one told to end is enough) */
+    assert_true(limits_key_over(&ka, 0, now));
+    assert_false(limits_key_over(&ka, 1, now));
+    /* an idle holder asking takes the want: one answers each refusal */
+    struct limit_want want = {0};
+    assert_false(limits_key_wanted(b, &kb, &want, now));
+    assert_true(limits_key_wanted(a, &ka, &want, now));
+    assert_false(limits_key_wanted(a, &ka, &want, now));
+    assert_false(limits_key_over(&ka, 0, now));
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* marks it again */
+    assert_true(limits_key_over(&ka, 0, now));
+    limits_conn_release(a, &ka);
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    assert_false(limits_key_over(&ka, 0, now)); /* its take ended its want */
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* wants again */
+    assert_true(limits_key_over(&ka, 0, now));
+    limits_conn_release(a, &ka);
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    assert_int_equal(node_cap_conns(x), 4);
+    /* both at their floor of 2: nobody is over, the second is refused */
+    assert_false(limits_conn_acquire(b, &kb, now, &r));
+    assert_false(limits_key_over(&ka, 0, now));
+    assert_false(limits_key_over(&kb, 0, now));
+    /* the want lapses: the first may take a slot left free again */
+    limits_conn_release(b, &kb);
+    assert_true(limits_conn_acquire(a, &ka, now + MS_TO_NS(3 * NODE_CAP_POLL_MS), &r));
+    /* an unacquire (the connection did not open) gives its slot back */
+    assert_int_equal(node_cap_conns(x), 4);
+    limits_conn_unacquire(a, &ka, now);
+    assert_int_equal(node_cap_conns(x), 3);
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    /* a reload lowers the cap to 2 under 2 + 2: each keeps 1 */
+    c.max_connections = 2;
+    limits_key_set(a, &ka, &c);
+    limits_key_set(b, &kb, &c);
+    assert_true(limits_key_over(&ka, 0, now));
+    assert_false(limits_key_over(&ka, 1, now));
+    assert_true(limits_key_over(&kb, 0, now));
+    limits_conn_release(a, &ka);
+    limits_conn_release(b, &kb);
+    assert_false(limits_key_over(&ka, 0, now));
+    assert_false(limits_key_over(&kb, 0, now));
+    limits_conn_release(a, &ka);
+    limits_conn_release(b, &kb);
+    assert_int_equal(node_cap_conns(x), 0);
+    /* two leases while the key had no cap, then one counted: the node's
+     * slot goes back with the last lease, not the first released */
+    c.max_connections = 0;
+    limits_key_set(a, &ka, &c);
+    assert_true(limits_conn_acquire(a, &ka, now, &r));
+    assert_true(limits_conn_acquire(a, &ka, now, &r));
+    c.max_connections = 4;
+    limits_key_set(a, &ka, &c);
+    assert_true(limits_conn_acquire(a, &ka, now, &r));
+    assert_int_equal(node_cap_conns(x), 1);
+    limits_conn_release(a, &ka);
+    limits_conn_release(a, &ka);
+    assert_int_equal(node_cap_conns(x), 1);
+    limits_conn_release(a, &ka);
+    assert_int_equal(node_cap_conns(x), 0);
+    /* a key finished with leases held gives their slots back */
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    limits_key_fini(b, &kb);
+    assert_int_equal(node_cap_conns(x), 0);
+    limits_key_fini(a, &ka);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
 }
 
 static void
@@ -2178,6 +2290,7 @@ main(void)
         cmocka_unit_test(test_unlimited),
         cmocka_unit_test(test_local_share_of_a_spread_key),
         cmocka_unit_test(test_conn_leases_local),
+        cmocka_unit_test(test_conn_leases_node_wide),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_backoff_and_recovery),

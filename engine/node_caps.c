@@ -1,0 +1,219 @@
+/*
+ * node_caps: the node's count of connections under each capped limit key
+ * without [redis], every worker's, with their floors (node_caps.h says
+ * why and what the rule is).
+ *
+ * Threading: any worker's thread. The table's lock guards its hash (an
+ * entry is found once per key set-up); each entry's lock its counts.
+ */
+#include "engine/node_caps.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/hash.h"
+
+/* One worker's part of an entry. */
+struct node_cap_worker {
+    unsigned conns;
+    uint64_t wanted_until; /* ns: it was refused a slot; 0: no want */
+};
+
+struct node_cap {
+    struct hash_node node;
+    pthread_mutex_t lock;
+    unsigned workers;
+    unsigned conns;                 /* every worker's */
+    char *name;                     /* owned */
+    struct node_cap_worker w[];     /* workers of them */
+};
+
+struct node_caps {
+    unsigned workers;
+    pthread_mutex_t lock;
+    struct hash h; /* struct node_cap, by name */
+};
+
+static bool
+cap_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct node_cap *)n)->name, key) == 0;
+}
+
+struct node_caps *
+node_caps_new(unsigned workers)
+{
+    struct node_caps *t = calloc(1, sizeof(*t));
+    if (t == NULL)
+        return NULL;
+    t->workers = workers ? workers : 1;
+    pthread_mutex_init(&t->lock, NULL);
+    hash_init(&t->h, cap_eq, 8);
+    return t;
+}
+
+void
+node_caps_free(struct node_caps *t)
+{
+    if (t == NULL)
+        return;
+    size_t b = 0;
+    struct hash_node *cur = NULL, *n;
+    while ((n = hash_next(&t->h, &b, &cur)) != NULL) {
+        struct node_cap *x = (struct node_cap *)n;
+        pthread_mutex_destroy(&x->lock);
+        free(x->name);
+        free(x);
+    }
+    hash_fini(&t->h);
+    pthread_mutex_destroy(&t->lock);
+    free(t);
+}
+
+struct node_cap *
+node_cap_get(struct node_caps *t, const char *name)
+{
+    uint64_t h = hash_bytes(name, strlen(name));
+    pthread_mutex_lock(&t->lock);
+    struct node_cap *x = (struct node_cap *)hash_find(&t->h, h, name);
+    if (x == NULL) {
+        x = calloc(1, sizeof(*x) + t->workers * sizeof(x->w[0]));
+        char *own = strdup(name);
+        if (x == NULL || own == NULL) {
+            free(x);
+            free(own);
+            pthread_mutex_unlock(&t->lock);
+            return NULL;
+        }
+        pthread_mutex_init(&x->lock, NULL);
+        x->workers = t->workers;
+        x->name = own;
+        x->node.hash = h;
+        if (hash_insert(&t->h, &x->node) < 0) {
+            pthread_mutex_destroy(&x->lock);
+            free(own);
+            free(x);
+            x = NULL;
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+    return x;
+}
+
+static unsigned
+floor_of(const struct node_cap *x, unsigned cap)
+{
+    unsigned f = cap / x->workers;
+    return f ? f : 1;
+}
+
+/* Slots owed, under x's lock: to each worker but w that wants one now
+ * and holds fewer than its floor, the difference. */
+static unsigned
+owed(const struct node_cap *x, unsigned w, unsigned floor, uint64_t now)
+{
+    unsigned n = 0;
+    for (unsigned v = 0; v < x->workers; v++)
+        if (v != w && x->w[v].conns < floor && x->w[v].wanted_until > now)
+            n += floor - x->w[v].conns;
+    return n;
+}
+
+/* Under x's lock: would a take by w be refused? */
+static bool
+full(const struct node_cap *x, unsigned w, unsigned cap, uint64_t now)
+{
+    if (x->conns >= cap)
+        return true;
+    unsigned floor = floor_of(x, cap);
+    return x->w[w].conns >= floor && cap - x->conns <= owed(x, w, floor, now);
+}
+
+int
+node_cap_take(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
+{
+    w %= x->workers;
+    pthread_mutex_lock(&x->lock);
+    if (cap != 0 && full(x, w, cap, now_ns)) {
+        x->w[w].wanted_until = now_ns + 2 * (uint64_t)NODE_CAP_POLL_MS * 1000000u;
+        pthread_mutex_unlock(&x->lock);
+        return -EBUSY;
+    }
+    x->conns++;
+    x->w[w].conns++;
+    x->w[w].wanted_until = 0; /* had one */
+    pthread_mutex_unlock(&x->lock);
+    return 0;
+}
+
+void
+node_cap_give(struct node_cap *x, unsigned w)
+{
+    w %= x->workers;
+    pthread_mutex_lock(&x->lock);
+    if (x->w[w].conns > 0) {
+        x->w[w].conns--;
+        x->conns--;
+    }
+    pthread_mutex_unlock(&x->lock);
+}
+
+unsigned
+node_cap_allow(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
+{
+    w %= x->workers;
+    pthread_mutex_lock(&x->lock);
+    unsigned mine = x->w[w].conns, others = x->conns - mine, allow = cap;
+    if (cap != 0 && x->conns > cap) {
+        /* Over the cap (lowered by a reload): each worker keeps its part
+         * of it, or what the others leave, whichever is more, so the
+         * workers together end no more than the excess. */
+        unsigned part = cap / x->workers + (w < cap % x->workers ? 1 : 0);
+        unsigned left = cap > others ? cap - others : 0;
+        allow = part > left ? part : left;
+    } else if (cap != 0) {
+        unsigned floor = floor_of(x, cap);
+        if (mine > floor && owed(x, w, floor, now_ns) > 0)
+            allow = mine - 1;
+    }
+    pthread_mutex_unlock(&x->lock);
+    return allow;
+}
+
+bool
+node_cap_full(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
+{
+    w %= x->workers;
+    pthread_mutex_lock(&x->lock);
+    bool f = cap != 0 && full(x, w, cap, now_ns);
+    pthread_mutex_unlock(&x->lock);
+    return f;
+}
+
+bool
+node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
+{
+    w %= x->workers;
+    bool found = false;
+    pthread_mutex_lock(&x->lock);
+    unsigned floor = floor_of(x, cap);
+    for (unsigned v = 0; v < x->workers && !found; v++)
+        if (v != w && x->w[v].wanted_until > now_ns &&
+            (x->w[w].conns > floor || x->w[v].conns < floor)) {
+            x->w[v].wanted_until = 0;
+            found = true;
+        }
+    pthread_mutex_unlock(&x->lock);
+    return found;
+}
+
+unsigned
+node_cap_conns(struct node_cap *x)
+{
+    pthread_mutex_lock(&x->lock);
+    unsigned n = x->conns;
+    pthread_mutex_unlock(&x->lock);
+    return n;
+}

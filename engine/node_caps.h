@@ -1,0 +1,70 @@
+/*
+ * node_caps: the connections this node's workers hold under a limit
+ * key's max_connections when no [redis] shares it (an [mx] or [source]
+ * section's cap), counted for the node, not split between the workers.
+ *
+ * A domain's mail goes out from one worker. With the cap split between
+ * the workers, a domain alone behind an [mx] section got its worker's
+ * part: max_connections = 20 over two workers gave gmail.com 10. Now a
+ * worker may hold the whole cap while no other wants a slot; its part
+ * (cap / workers, at least one) is its floor: when another worker wants
+ * a slot (node_cap_take refused it: node_cap_want) and holds fewer than
+ * its floor, the slots left are kept for it, and a worker past its floor
+ * gives one back after a transaction (node_cap_allow). The rule is
+ * site_addrs.c's for max_connections_per_address.
+ *
+ * Entries are made on first use and live as long as the table: one per
+ * capped section name the configuration has had, a few dozen octets each.
+ *
+ * Threading: any worker's thread; the table's lock to find an entry,
+ * the entry's for its counts (per connection, not per message).
+ */
+#ifndef SLUICE_ENGINE_NODE_CAPS_H
+#define SLUICE_ENGINE_NODE_CAPS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct node_caps;
+struct node_cap;
+
+/* How long a worker refused waits before it asks again (another worker's
+ * connection that ends does not wake it), and how long its want holds. */
+#define NODE_CAP_POLL_MS 250
+
+/* A table for workers workers (0: 1); NULL: no memory. */
+struct node_caps *node_caps_new(unsigned workers);
+void node_caps_free(struct node_caps *t);
+
+/* The entry named name, made on first use; NULL: no memory. It lives as
+ * long as t. */
+struct node_cap *node_cap_get(struct node_caps *t, const char *name);
+
+/* A slot for worker w under cap (> 0): 0, or -EBUSY when the node holds
+ * cap, or the slots left are owed to other workers below their floor that
+ * want one while w has its floor. A refusal marks w's want until
+ * now + 2 * NODE_CAP_POLL_MS. */
+int node_cap_take(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
+/* Worker w's slot back. */
+void node_cap_give(struct node_cap *x, unsigned w);
+
+/* How many slots worker w may hold now, given what the others hold and
+ * want: cap while it is alone; one fewer than it holds when it is past
+ * its floor and another worker below its floor wants (one connection at
+ * a time ends: the caller counts those told to end); its part of cap
+ * when the node holds more than cap (a reload lowered it). */
+unsigned node_cap_allow(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
+/* Would node_cap_take refuse w now? (Marks nothing.) */
+bool node_cap_full(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
+/* Does a worker other than w want a slot now (refused one within
+ * 2 * NODE_CAP_POLL_MS), and is it owed one: w holds more than its floor,
+ * or that worker fewer than its own? A yes takes that want: one holder
+ * answers each refusal (an idle connection of w gives its slot), the
+ * waiter marks again at its next. (Given whenever one waited, two busy
+ * workers would hand slots back and forth each time a queue ran empty
+ * for a moment.) */
+bool node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
+/* The node's count (every worker's). */
+unsigned node_cap_conns(struct node_cap *x);
+
+#endif
