@@ -328,7 +328,7 @@ static const struct conf_key delivery_keys[] = {
      "affinity), which may hold the whole cap; not the domains of a site "
      "that has 20 connections there (busy: for 10 minutes, its new "
      "domains are sent from every worker), of an [mx] or [source] section's limits (without "
-     "[redis], those are split between the workers too), nor mail through a pool: they stay on "
+     "[redis], their rates are split between the workers), nor mail through a pool: they stay on "
      "the worker their name hashes to",
      NULL},
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
@@ -536,8 +536,9 @@ const struct conf_key config_domain_keys[] = {
 #define MX_LIMIT_KEYS                                                                              \
     {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",                          \
      "concurrent connections to the matching MX hosts, whatever the domain (0: no cap); "         \
-     "without [redis] this and the section's rates and bursts are split between the workers, "    \
-     "the parts adding up to the whole (at least one connection each); lowered by a reload, "    \
+     "without [redis] the node's, counted for every worker, a worker kept its part (the cap "     \
+     "over the workers, at least one) when it wants it (the section's rates and bursts are "    \
+     "split between the workers, the parts adding up to the whole); lowered by a reload, "      \
      "those over it end after their transaction (with [redis] a worker ends those of its own "   \
      "beyond the whole cap, and those the nodes hold beyond it once a lease refresh counts "     \
      "them, every lease_ttl/3; so too those opened on local shares while Redis was away, from "  \
