@@ -538,7 +538,8 @@ const struct conf_key config_domain_keys[] = {
      "concurrent connections to the matching MX hosts, whatever the domain (0: no cap); "         \
      "without [redis] the node's, counted for every worker, a worker kept its part (the cap "     \
      "over the workers, at least one) when it wants it (the section's rates and bursts are "    \
-     "split between the workers, the parts adding up to the whole); lowered by a reload, "      \
+     "split between the workers, the parts adding up to the whole, and a part its worker "     \
+     "leaves unused is lent to the others); lowered by a reload, "                               \
      "those over it end after their transaction (with [redis] a worker ends those of its own "   \
      "beyond the whole cap, and those the nodes hold beyond it once a lease refresh counts "     \
      "them, every lease_ttl/3; so too those opened on local shares while Redis was away, from "  \

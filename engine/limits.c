@@ -19,6 +19,10 @@
  * [mx] or [source] section's) counts its leases in node_caps too, beside
  * the other workers' (node_caps.h): a lease is refused there when the
  * node holds the cap, or what is left is owed to a worker below its floor.
+ * Its rates (this worker's part, as configured) take their tokens from
+ * its part kept there, then from the part of a worker that asks for none
+ * (node_cap_rate_take); a connection's token goes back to the part it
+ * came from when its lease is refused or undone.
  *
  * Threading: the owning worker's thread only (node_caps: its own locks).
  */
@@ -40,9 +44,9 @@
 
 /* --- arithmetic ------------------------------------------------------- */
 
-static unsigned
-gcra_take(uint64_t *tat, uint64_t T, uint64_t tau, uint64_t now, unsigned want,
-          uint64_t *retry_at)
+unsigned
+limits_gcra(uint64_t *tat, uint64_t T, uint64_t tau, uint64_t now, unsigned want,
+            uint64_t *retry_at)
 {
     /* A caller back less than one interval after its slot (its timer
      * fired late, a loop turn went by) keeps its place on the schedule.
@@ -175,21 +179,45 @@ worker_id(const struct limits *l)
     return l->w != NULL ? l->w->id : 0;
 }
 
-/* Is k's cap the node's: held by several of its limiters, no Redis? */
+/* Are k's limits the node's: held by several of its limiters, no Redis? */
+static bool
+node_shared(const struct limits *l, const struct limit_key *k)
+{
+    return k->conf.spread > 1 && l->r == NULL;
+}
+
+/* ...and its cap? */
 static bool
 node_wide(const struct limits *l, const struct limit_key *k)
 {
-    return k->conf.spread > 1 && k->conf.max_connections != 0 && l->r == NULL;
+    return node_shared(l, k) && k->conf.max_connections != 0;
 }
 
-/* k's node count, when its cap is the node's (a table given). Without
- * memory for the entry the key keeps its worker's part of the cap
- * (lease_cap), as before there were counts. */
+/* k's node state, when its limits are the node's (a table given).
+ * Without memory for the entry the key keeps its worker's part of the
+ * cap (lease_cap), and its rates' parts to itself, as before. */
 static void
 node_attach(struct limits *l, struct limit_key *k)
 {
-    if (k->node == NULL && node_wide(l, k) && l->node_caps != NULL)
+    if (k->node == NULL && node_shared(l, k) && l->node_caps != NULL)
         k->node = node_cap_get(l->node_caps, k->name);
+}
+
+/* Do k's rates take their tokens from the node's parts? */
+static bool
+node_rated(const struct limits *l, const struct limit_key *k)
+{
+    return k->node != NULL && node_shared(l, k);
+}
+
+/* How long a worker's part of a rate at interval T must go unasked for
+ * before another may borrow it: a worker whose domains wait for their
+ * tokens asks about once an interval. */
+static uint64_t
+part_idle_ns(uint64_t T)
+{
+    uint64_t idle = sat_mul(T, 3);
+    return idle > MS_TO_NS(50) ? idle : MS_TO_NS(50);
 }
 
 /* Is k's cap counted for the node now? */
@@ -370,7 +398,10 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
     unsigned share = local_share(l, k);
     uint64_t T = sat_mul(T1, share);
     uint64_t tau = sat_mul(T, share == 1 ? k->conf.msg_burst : local_part(l, k, k->conf.msg_burst));
-    unsigned g = gcra_take(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
+    unsigned g = node_rated(l, k)
+                     ? node_cap_rate_take(k->node, NODE_RATE_MSG, worker_id(l), T, tau,
+                                          part_idle_ns(T), now_ns, n, retry_at_ns, NULL)
+                     : limits_gcra(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
     l->st.local_decisions++;
     l->st.msgs_granted += g;
     return g;
@@ -518,8 +549,26 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         uint64_t T = eff_interval(T0, bo_factor(l, k, now_ns), share);
         uint64_t tau =
             sat_mul(T, share == 1 ? k->conf.conn_burst : local_part(l, k, k->conf.conn_burst));
+        if (node_rated(l, k)) {
+            /* a token of this worker's part, or of an idle one's */
+            unsigned from = worker_id(l);
+            if (node_cap_rate_take(k->node, NODE_RATE_CONN, worker_id(l), T, tau, part_idle_ns(T),
+                                   now_ns, 1, retry_at_ns, &from) == 0) {
+                l->st.conns_refused++;
+                return false;
+            }
+            if (!local_lease(l, k, now_ns, retry_at_ns)) {
+                node_cap_rate_back(k->node, NODE_RATE_CONN, from, T);
+                l->st.conns_refused++;
+                return false;
+            }
+            k->undo_tat = T;
+            k->undo_from = (uint8_t)from;
+            k->undo = LIMIT_UNDO_NODE;
+            return true;
+        }
         uint64_t tat = k->conn_tat;
-        if (gcra_take(&tat, T, tau, now_ns, 1, retry_at_ns) == 0) {
+        if (limits_gcra(&tat, T, tau, now_ns, 1, retry_at_ns) == 0) {
             l->st.conns_refused++;
             return false;
         }
@@ -571,6 +620,8 @@ limits_conn_unacquire(struct limits *l, struct limit_key *k, uint64_t now_ns)
         limits_redis_release(l, k, id);
         if (k->undo == LIMIT_UNDO_TAT)
             k->conn_tat = k->undo_tat;
+        else if (k->undo == LIMIT_UNDO_NODE && k->node != NULL)
+            node_cap_rate_back(k->node, NODE_RATE_CONN, k->undo_from, k->undo_tat);
     }
     k->undo = LIMIT_UNDO_NONE;
 }

@@ -111,7 +111,9 @@ struct limit_conf {
                                * (a cap's and burst's parts: limits_part); without a
                                * redis_url, max_connections of a key held by more
                                * than one is the node's, counted for them all in
-                               * limits_opts.node_caps (node_caps.h) */
+                               * limits_opts.node_caps (node_caps.h), and its rates
+                               * (each limiter's part) are kept there, where a
+                               * limiter may borrow the part of one asking for none */
 };
 
 #define LIMIT_KEY_MAX 256
@@ -124,6 +126,8 @@ enum limit_undo {
     LIMIT_UNDO_LEASE, /* a lease alone (no rate, or a move's) */
     LIMIT_UNDO_TAT,   /* a lease and a local connection-rate token */
     LIMIT_UNDO_READY, /* the lease Redis granted (with its token, when ready_rated) */
+    LIMIT_UNDO_NODE,  /* a lease and a token of a worker's part of the node's connection
+                       * rate (undo_from; undo_tat: its interval) */
 };
 
 /* What limits_key_wanted() knows of a key's wanted mark: the caller's,
@@ -176,11 +180,18 @@ struct limit_key {
     bool cap_full;             /* shared: Redis refused the last lease for the cap (every
                                 * lease held), not for the rate */
     uint8_t undo;              /* what the last successful acquire took (enum limit_undo) */
+    uint8_t undo_from;         /* LIMIT_UNDO_NODE: the worker whose part gave the token */
     uint16_t excess;           /* shared: leases of this limiter beyond the cap by Redis's
                                 * last refresh (limits_key_excess; in the padding) */
-    struct node_cap *node;     /* borrowed: the node's count of its cap (conf.spread);
-                                * NULL: none */
+    struct node_cap *node;     /* borrowed: the node's count of its cap and its rates'
+                                * parts (conf.spread); NULL: none */
 };
+
+/* One GCRA step (limits.c's header): of want tokens at interval T with
+ * tolerance tau, how many may go at now, moving *tat; 0 with *retry_at,
+ * when one is due. */
+unsigned limits_gcra(uint64_t *tat, uint64_t T, uint64_t tau, uint64_t now, unsigned want,
+                     uint64_t *retry_at);
 
 /* A limiter on w (borrowed: outlives it). With a redis_url the host is
  * resolved here (blocking: setup time) and connecting starts once w's loop

@@ -1,10 +1,12 @@
 /*
  * node_caps: the node's count of connections under each capped limit key
- * without [redis], every worker's, with their floors (node_caps.h says
- * why and what the rule is).
+ * without [redis], every worker's, with their floors; and the workers'
+ * parts of the key's rates, each a GCRA state, lent while their worker
+ * asks for none (node_caps.h says why and what the rules are).
  *
  * Threading: any worker's thread. The table's lock guards its hash (an
- * entry is found once per key set-up); each entry's lock its counts.
+ * entry is found once per key set-up); each entry's lock its counts and
+ * parts (per connection, and per message token request of a key).
  */
 #include "engine/node_caps.h"
 
@@ -14,11 +16,19 @@
 #include <string.h>
 
 #include "common/hash.h"
+#include "engine/limits.h"
+
+/* One worker's part of a rate. */
+struct node_rate_part {
+    uint64_t tat;   /* its GCRA state (limits_gcra) */
+    uint64_t asked; /* ns: when it last asked for a token; 0: never */
+};
 
 /* One worker's part of an entry. */
 struct node_cap_worker {
     unsigned conns;
     uint64_t wanted_until; /* ns: it was refused a slot; 0: no want */
+    struct node_rate_part rate[2]; /* enum node_rate */
 };
 
 struct node_cap {
@@ -207,6 +217,45 @@ node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
         }
     pthread_mutex_unlock(&x->lock);
     return found;
+}
+
+unsigned
+node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T, uint64_t tau,
+                   uint64_t idle_ns, uint64_t now_ns, unsigned n, uint64_t *retry_at_ns,
+                   unsigned *from)
+{
+    w %= x->workers;
+    unsigned r = which == NODE_RATE_CONN ? 1 : 0, got = 0;
+    uint64_t retry = UINT64_MAX, at;
+    pthread_mutex_lock(&x->lock);
+    x->w[w].rate[r].asked = now_ns;
+    for (unsigned i = 0; i < x->workers && got < n; i++) {
+        unsigned v = (w + i) % x->workers;
+        struct node_rate_part *p = &x->w[v].rate[r];
+        /* another's part: while it asks for none (a worker whose domains
+         * wait for their tokens asks once a period, T) */
+        if (v != w && p->asked != 0 && (p->asked > now_ns || now_ns - p->asked < idle_ns))
+            continue; /* (asked later than now: on another worker's clock) */
+        unsigned g = limits_gcra(&p->tat, T, tau, now_ns, n - got, &at);
+        if (g == 0 && at < retry)
+            retry = at;
+        if (g > 0 && from != NULL)
+            *from = v;
+        got += g;
+    }
+    pthread_mutex_unlock(&x->lock);
+    if (got == 0)
+        *retry_at_ns = retry;
+    return got;
+}
+
+void
+node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t T)
+{
+    struct node_rate_part *p = &x->w[from % x->workers].rate[which == NODE_RATE_CONN ? 1 : 0];
+    pthread_mutex_lock(&x->lock);
+    p->tat = p->tat > T ? p->tat - T : 0;
+    pthread_mutex_unlock(&x->lock);
 }
 
 unsigned

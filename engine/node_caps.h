@@ -1,7 +1,9 @@
 /*
  * node_caps: the connections this node's workers hold under a limit
  * key's max_connections when no [redis] shares it (an [mx] or [source]
- * section's cap), counted for the node, not split between the workers.
+ * section's cap), counted for the node, not split between the workers;
+ * and the workers' parts of the key's rates, which a worker may borrow
+ * while their owners ask for none.
  *
  * A domain's mail goes out from one worker. With the cap split between
  * the workers, a domain alone behind an [mx] section got its worker's
@@ -12,6 +14,14 @@
  * its floor, the slots left are kept for it, and a worker past its floor
  * gives one back after a transaction (node_cap_allow). The rule is
  * site_addrs.c's for max_connections_per_address.
+ *
+ * A rate stays split between the workers (each a GCRA state at its part,
+ * the parts adding up to the rate), but the parts are kept here: a worker
+ * whose own part has no token takes one of another worker's part that
+ * asked for none for a while (node_cap_rate_take), so a domain alone gets
+ * the whole rate, not its worker's part, while two busy workers each keep
+ * theirs. (One state for the node, first come first served, gave a
+ * worker whose timer fired first every token.)
  *
  * Entries are made on first use and live as long as the table: one per
  * capped section name the configuration has had, a few dozen octets each.
@@ -64,6 +74,17 @@ bool node_cap_full(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns
  * workers would hand slots back and forth each time a queue ran empty
  * for a moment.) */
 bool node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
+/* Tokens of x's message or connection rate for worker w: up to n of its
+ * part (a GCRA at interval T, the part's, tolerance tau), then of the
+ * part of each other worker that asked for none within idle_ns. How many
+ * (0: *retry_at_ns, when the first is due); *from (may be NULL): the part
+ * the last came from, for node_cap_rate_back. */
+enum node_rate { NODE_RATE_MSG, NODE_RATE_CONN };
+unsigned node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T,
+                            uint64_t tau, uint64_t idle_ns, uint64_t now_ns, unsigned n,
+                            uint64_t *retry_at_ns, unsigned *from);
+/* One token of the part from back (interval T): it was not used. */
+void node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t T);
 /* The node's count (every worker's). */
 unsigned node_cap_conns(struct node_cap *x);
 

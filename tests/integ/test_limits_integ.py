@@ -963,10 +963,11 @@ def four_domains(prefix):
 
 
 def shared_limit(doms, records, conf, what):
-    """160 messages over four unlimited domains under one shared limit of
+    """160 messages over unlimited domains doms under one shared limit of
     30/s (burst 2) and 2 connections given by conf: together they stay
-    within it. Without Redis each of the 2 workers holds half: 15/s with
-    a burst of 1, one connection."""
+    within it, and get it. Without Redis each of the 2 workers holds half
+    of the rate (15/s with a burst of 1), and lends it while it asks for
+    none; the cap is the node's (engine/node_caps.h)."""
     wd = Workdir("sluice-shared-")
     dns = mx = node = None
     try:
@@ -976,7 +977,7 @@ def shared_limit(doms, records, conf, what):
         node = Node(wd, "m", dns.port, mx_port, conf)
         sampler = ConnSampler(mx_port, lambda: [node.d.proc.pid])
         n = 160
-        node.inject([("s@example.com", [f"x{k}@{doms[k % 4]}"],
+        node.inject([("s@example.com", [f"x{k}@{doms[k % len(doms)]}"],
                       f"Subject: {k}\r\nX-Seq: m{k}\r\n\r\nb\r\n".encode()) for k in range(n)])
 
         def times():
@@ -1008,6 +1009,18 @@ def test_mx_pattern_limits_across_domains():
                  [f"mx-host={d},mx1.bigmail.test,10" for d in doms],
                  "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
                  "max_connections = 2\n", "mx *.bigmail.test 30/s")
+
+
+def test_mx_pattern_limits_whole_for_one_domain():
+    """[mx *.bigmail.test] and one domain under it, whose mail goes from one
+    worker: it gets the whole 30/s and both connections, never more.
+    Before, without [redis], it got its worker's part: 15/s, one
+    connection."""
+    doms = four_domains("one")[:1]
+    shared_limit(doms, ["host-record=mx1.bigmail.test,127.0.0.1"] +
+                 [f"mx-host={d},mx1.bigmail.test,10" for d in doms],
+                 "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
+                 "max_connections = 2\n", "mx *.bigmail.test 30/s, one domain")
 
 
 def test_mx_section_caps_recipients_and_messages():
@@ -1053,5 +1066,6 @@ if __name__ == "__main__":
           test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
           test_suspend_stops_within_seconds_and_resume_restarts,
-          test_mx_pattern_limits_across_domains, test_mx_section_caps_recipients_and_messages,
+          test_mx_pattern_limits_across_domains, test_mx_pattern_limits_whole_for_one_domain,
+          test_mx_section_caps_recipients_and_messages,
           test_source_address_limits_across_domains])

@@ -465,6 +465,73 @@ test_conn_leases_node_wide(void **state)
     node_caps_free(t);
 }
 
+/* Without Redis, a rate of a key held by both workers' limiters (spread
+ * 2) stays split, each its part (here 5/s of 10/s), but the parts are
+ * the node's: a worker alone borrows the part of the other, which asks
+ * for none, and gets the whole rate (100 in 10 s, not 50); both asking,
+ * each keeps its own (about 50 each: not all to the one that asks first,
+ * as one state for the node gave); the other gone quiet, the first has
+ * the whole rate again. A connection-rate token taken for a lease the
+ * node's cap refuses, or one undone, goes back to the part it came from. */
+static void
+test_rates_node_wide(void **state)
+{
+    (void)state;
+    struct node_caps *t = node_caps_new(2);
+    assert_non_null(t);
+    static struct worker w0, w1;
+    w0.id = 0;
+    w1.id = 1;
+    struct limits_opts o = {.node_caps = t};
+    struct limits *a = NULL, *b = NULL;
+    char err[256];
+    assert_int_equal(limits_new(&w0, &o, &a, err, sizeof(err)), 0);
+    assert_int_equal(limits_new(&w1, &o, &b, err, sizeof(err)), 0);
+    struct limit_conf c = conf_msgs(5, 1000, 0); /* each worker's part */
+    c.spread = 2;
+    struct limit_key ka, kb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:rated", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:rated", &c, NULL, NULL), 0);
+    uint64_t r, got = 0;
+    for (unsigned ms = 0; ms < 10000; ms++)
+        got += limits_take_msgs(a, &ka, 1000, BASE + MS_TO_NS(ms), &r);
+    assert_in_range(got, 99, 102);
+    uint64_t ga = 0, gb = 0, start = BASE + 20 * SEC;
+    for (unsigned ms = 0; ms < 10000; ms++) {
+        ga += limits_take_msgs(a, &ka, 1000, start + MS_TO_NS(ms), &r);
+        gb += limits_take_msgs(b, &kb, 1000, start + MS_TO_NS(ms), &r);
+    }
+    assert_in_range(ga, 48, 53);
+    assert_in_range(gb, 48, 53);
+    got = 0;
+    start += 10 * SEC;
+    for (unsigned ms = 0; ms < 10000; ms++)
+        got += limits_take_msgs(b, &kb, 1000, start + MS_TO_NS(ms), &r);
+    assert_in_range(got, 97, 102); /* the first's part, once it has asked for none */
+    /* the connection rate, 1/s each part, and a cap of 1, both the node's */
+    c = (struct limit_conf){0};
+    c.conn_rate.count = 1;
+    c.conn_rate.per_ms = 1000;
+    c.max_connections = 1;
+    c.spread = 2;
+    limits_key_set(a, &ka, &c);
+    limits_key_set(b, &kb, &c);
+    uint64_t now = BASE + 60 * SEC;
+    assert_true(limits_conn_acquire(a, &ka, now, &r));
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* the cap: its token back */
+    assert_int_equal(r, now + MS_TO_NS(NODE_CAP_POLL_MS));
+    limits_conn_release(a, &ka);
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* its own token again */
+    limits_conn_unacquire(b, &kb, now); /* did not open: back too */
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    limits_conn_release(b, &kb);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 static void
 test_conn_leases_local(void **state)
 {
@@ -2291,6 +2358,7 @@ main(void)
         cmocka_unit_test(test_local_share_of_a_spread_key),
         cmocka_unit_test(test_conn_leases_local),
         cmocka_unit_test(test_conn_leases_node_wide),
+        cmocka_unit_test(test_rates_node_wide),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_backoff_and_recovery),
