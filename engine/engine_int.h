@@ -64,8 +64,9 @@ void engine_hup_draining(struct engine *e, const siginfo_t *si);
  * runs engine_stop, so a thread of its own does, from the stop's start
  * to its end (engine_stop, when e->stop_takes_hup), as the drain did:
  * the logs reopened (the delivery log until the stop closes it),
- * event=reload_ignored reason=stopping. Owned by engine_stop, on its
- * stack. */
+ * event=reload_ignored reason=stopping. A SIGTERM or SIGINT then is
+ * taken too, and logged (event=signal_ignored reason=stopping): the stop
+ * goes on. Owned by engine_stop, on its stack. */
 struct stop_hup {
     struct engine *e;  /* borrowed: the one stopping */
     pthread_t th;

@@ -563,6 +563,8 @@ stop_hup_main(void *arg)
     sigset_t hup;
     sigemptyset(&hup);
     sigaddset(&hup, SIGHUP);
+    sigaddset(&hup, SIGTERM);
+    sigaddset(&hup, SIGINT);
     for (;;) {
         siginfo_t si;
         int sig = sigwaitinfo(&hup, &si); /* blocked here, as in every thread (main.c) */
@@ -578,8 +580,16 @@ stop_hup_main(void *arg)
          * SI_USER, as an operator's kill(1), on a Linux 6.18 here, so
          * only the sender tells them apart). An operator's that comes
          * with it is taken by engine_stop_hup_end. */
-        if (si.si_pid == getpid() && atomic_load(&h->done))
+        if (sig == SIGHUP && si.si_pid == getpid() && atomic_load(&h->done))
             return NULL;
+        if (sig != SIGHUP) {
+            /* The stop is under way already (the drain is over): it goes
+             * on to its end, bounded by its watch; said, not left
+             * pending and unseen. */
+            log_msg(LOG_WARN, "event=signal_ignored signal=%s sender_pid=%ld reason=stopping",
+                    sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid);
+            continue;
+        }
         stop_hup_take(h, &si);
     }
 }

@@ -354,7 +354,10 @@ def test_a_sighup_during_the_stop_is_logged_and_reopens_the_logs():
     no signal in the stop. Now a thread of the stop takes it: logged
     event=reload_ignored reason=stopping, both logs reopened (the
     delivery log until the stop closes it), the message's lines and the
-    stop's in the new files, and the stop ends as before (exit 0)."""
+    stop's in the new files, and the stop ends as before (exit 0). A
+    SIGTERM then, and a SIGINT, are logged too (event=signal_ignored
+    reason=stopping; before, they stayed pending, unseen), and the stop
+    goes on to its end."""
     with files_sluice("1s", 10000) as d:
         pending = hold_a_message(d)
         try:
@@ -362,6 +365,9 @@ def test_a_sighup_during_the_stop_is_logged_and_reopens_the_logs():
             ignored = rotate_and_hup(d, "event=stop_commit_wait")
             if ignored is None:
                 return
+            for sig, name in ((signal.SIGTERM, "TERM"), (signal.SIGINT, "INT")):
+                d.signal(sig)
+                wait_in(d.log, f"event=signal_ignored signal={name} ")
             assert d.proc.wait(60) == 0, read(d.log)[-2000:]
         finally:
             pending.close()
