@@ -337,8 +337,13 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
              * a poll time (limits_key_node_wide): another worker holds
              * slots, whose ends wake nothing here. t also waits on the
              * key, so that one of this worker's ending runs it, and this
-             * worker's idle holders see it as for a full cap. */
-            if (!lease || !limits_key_node_wide(&k->lim))
+             * worker's idle holders see it as for a full cap. Not for a
+             * refusal by the key's connection rate (limits_key_capped
+             * false): t's timer is for that, and an idle holder that
+             * quit for t would only leave its own site to wait for the
+             * rate too. */
+            if (!lease || !limits_key_node_wide(&k->lim) ||
+                !limits_key_capped(&k->lim, t->d->w->now))
                 return;
             full = true;
         } else if (lease)

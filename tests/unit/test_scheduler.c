@@ -26,6 +26,7 @@
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/limits.h"
+#include "engine/node_caps.h"
 #include "common/clock.h"
 #include "common/hash.h"
 #include "common/intern.h"
@@ -4716,6 +4717,64 @@ mx_cap_waiter_after_the_holder_went_idle_gets_the_slot(void **state)
     fx_free(f);
 }
 
+/* A two-worker fixture whose limiter counts the caps held by both for
+ * the node, as delivery_new's does (node_caps.h): the other worker's
+ * part is played on the table directly. Freed after fx_free. */
+static struct node_caps *
+fx_node_caps(struct fx *f)
+{
+    struct node_caps *t = node_caps_new(f->e.nworkers);
+    assert_non_null(t);
+    f->d->lim = limits_free(f->d->lim);
+    struct limits_opts lo = {.node_caps = t};
+    char err[128];
+    assert_int_equal(limits_new(&f->w, &lo, &f->d->lim, err, sizeof(err)), 0);
+    f->e.node_caps = t;
+    return t;
+}
+
+/* Without [redis], with two workers, an [mx] cap of 4 is the node's, and
+ * the section's connection rate (1/h) is split. a.test's connection, done,
+ * idles on one slot; b.test, of another site, is refused a connection by
+ * the rate, not the cap (3 slots free): it waits for its timer, and a's
+ * idle connection stays (a.test's next message rides it). Taken for a
+ * full cap, the refusal had it quit for b.test (limit_wanted), which
+ * could not open one anyway: a.test's next mail waited for the rate too. */
+static void
+mx_node_cap_rate_refusal_kicks_no_idle_holder(void **state)
+{
+    (void)state;
+    struct fx *f = fx_two_workers("[delivery]\ninitial_connections = 2\nidle_timeout = 5s\n"
+                                  "[domain *]\nmax_connections = 10\n"
+                                  "[mx *.hoster.test]\nmax_connections = 4\n"
+                                  "max_connection_rate = 1/h\n",
+                                  0);
+    struct node_caps *nc = fx_node_caps(f);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *ca = f->open[0];
+    assert_true(limits_key_node_wide(&ca->mxk->lim));
+    enum sched_next what;
+    conn_ready(ca, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(ca, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(ca, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_true(ca->idle_poll); /* a slot of a cap counted for the node */
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_int_equal(f->opened, 1); /* the rate's */
+    assert_int_equal(node_cap_conns(node_cap_get(nc, "mx:*.hoster.test")), 1);
+    assert_false(b->mx_waiting);
+    assert_int_equal(f->quits, 0);
+    submit("a.test", 1);
+    assert_int_equal(dest_get(f->d, "a.test")->inflight, 1);
+    fx_free(f);
+    node_caps_free(nc);
+}
+
 /* The [mx] cap's one slot freed goes to the domain that waited first:
  * b.test (site mx2) waits, then c.test (site mx3); a.test's connection,
  * done, gives its slot up for them, and the connection that opens next
@@ -4845,6 +4904,7 @@ main(void)
         cmocka_unit_test(address_want_stays_for_its_own_address_only),
         cmocka_unit_test(mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own),
         cmocka_unit_test(mx_cap_waiter_after_the_holder_went_idle_gets_the_slot),
+        cmocka_unit_test(mx_node_cap_rate_refusal_kicks_no_idle_holder),
         cmocka_unit_test(mx_cap_slot_goes_to_the_oldest_waiter),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
