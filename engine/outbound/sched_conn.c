@@ -551,10 +551,12 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
              * of a cap shared through Redis asks again while it idles). */
             c->idle_short = kw == 1;
             c->idle_poll = sched_conn_key_polled(c);
-            if (c->idle_poll && fairq_empty(&t->q) && sched_conn_wanted_elsewhere(c)) {
+            if (c->idle_poll && d->e->cfg->redis.url == NULL && fairq_empty(&t->q) &&
+                sched_conn_wanted_elsewhere(c)) {
                 /* Another worker waits for a slot of a cap counted for
-                 * the node (with [redis] the answer comes at the first
-                 * idle step): it gets this one now. */
+                 * the node: it gets this one now. (With [redis] the
+                 * question goes out below, and its answer is acted on
+                 * at the first idle step, as before node counts.) */
                 c->quit_why = "limit_wanted";
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
