@@ -270,7 +270,8 @@ void limits_key_excess_taken(struct limit_key *k);
  * quitting of them counted as gone (told to end already)? Its cap; or,
  * counted for the node (limits_key_node_wide), what this worker may keep
  * beside the others (node_cap_allow: one fewer when it is past its floor
- * and another worker waits); or, shared, Redis's excess. */
+ * and the workers below theirs want more than the slots left); or,
+ * shared, Redis's excess. */
 bool limits_key_over(const struct limit_key *k, unsigned quitting, uint64_t now_ns);
 /* Would a lease of k be refused now for its cap (not its rate)? */
 bool limits_key_capped(const struct limit_key *k, uint64_t now_ns);

@@ -184,8 +184,14 @@ node_cap_allow(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
         unsigned left = cap > others ? cap - others : 0;
         allow = part > left ? part : left;
     } else if (cap != 0) {
+        /* Past its floor while the slots left do not cover what the
+         * workers below theirs want: one back. Those told to end hold
+         * theirs until they have gone, so no more end than are owed
+         * (given down to the floor, the slots beyond what was owed
+         * would be taken back once the want was met: connections
+         * closed and opened again for nothing). */
         unsigned floor = floor_of(x, cap);
-        if (mine > floor && owed(x, w, floor, now_ns) > 0)
+        if (mine > floor && owed(x, w, floor, now_ns) > cap - x->conns)
             allow = mine - 1;
     }
     pthread_mutex_unlock(&x->lock);

@@ -10,10 +10,13 @@
  * part: max_connections = 20 over two workers gave gmail.com 10. Now a
  * worker may hold the whole cap while no other wants a slot; its part
  * (cap / workers, at least one) is its floor: when another worker wants
- * a slot (node_cap_take refused it: node_cap_want) and holds fewer than
- * its floor, the slots left are kept for it, and a worker past its floor
- * gives one back after a transaction (node_cap_allow). The rule is
- * site_addrs.c's for max_connections_per_address.
+ * a slot (node_cap_take refused it, which marks its want) and holds
+ * fewer than its floor, the slots left are kept for it, and a worker
+ * past its floor gives one back after a transaction while the slots
+ * left do not cover what is owed (node_cap_allow). The rule is
+ * site_addrs.c's for max_connections_per_address, but for that last
+ * condition (there a worker past its floor gives slots back down to
+ * it).
  *
  * A rate stays split between the workers (each a GCRA state at its part,
  * the parts adding up to the rate), but the parts are kept here: a worker
@@ -60,9 +63,10 @@ void node_cap_give(struct node_cap *x, unsigned w);
 
 /* How many slots worker w may hold now, given what the others hold and
  * want: cap while it is alone; one fewer than it holds when it is past
- * its floor and another worker below its floor wants (one connection at
- * a time ends: the caller counts those told to end); its part of cap
- * when the node holds more than cap (a reload lowered it). */
+ * its floor and other workers below their floors want more than the
+ * slots left (one connection at a time ends: the caller counts those
+ * told to end); its part of cap when the node holds more than cap (a
+ * reload lowered it). */
 unsigned node_cap_allow(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
 /* Would node_cap_take refuse w now? (Marks nothing.) */
 bool node_cap_full(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);

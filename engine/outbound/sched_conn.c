@@ -148,10 +148,10 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
 /* Does this worker hold more connections of key k ([mx] or [source])
  * than its max_connections lets it keep (a reload lowered it), those
  * told to end already aside? Without [redis], what it may keep beside
- * the node's other workers (limits_key_over: past its floor while
- * another worker below its floor waits, one fewer than it holds; so its
- * connections give their slots back one by one, each after its
- * transaction); with it the whole cap, against this worker's own
+ * the node's other workers (limits_key_over: past its floor while the
+ * workers below theirs want more than the slots left, one fewer than it
+ * holds; so its connections give their slots back one by one, each
+ * after its transaction); with it the whole cap, against this worker's own
  * count only, or those Redis counts beyond it across the nodes
  * (limits_key_excess: opened on local shares during an outage); never
  * the smaller local share of a Redis outage, which refuses new

@@ -532,6 +532,53 @@ test_rates_node_wide(void **state)
     node_caps_free(t);
 }
 
+/* A worker past its floor gives back what the others below theirs are
+ * owed, not all it holds past its floor: over four workers a cap of 8
+ * (floors of 2), one holding all 8, another wanting: two slots free are
+ * enough, and the first is not over once they are (it would otherwise
+ * end connections down to its floor, 6 for the 2 wanted, and open 4
+ * again once the want was met). */
+static void
+test_conn_leases_node_wide_give_what_is_owed(void **state)
+{
+    (void)state;
+    struct node_caps *t = node_caps_new(4);
+    assert_non_null(t);
+    static struct worker w0, w1;
+    w0.id = 0;
+    w1.id = 1;
+    struct limits_opts o = {.node_caps = t};
+    struct limits *a = NULL, *b = NULL;
+    char err[256];
+    assert_int_equal(limits_new(&w0, &o, &a, err, sizeof(err)), 0);
+    assert_int_equal(limits_new(&w1, &o, &b, err, sizeof(err)), 0);
+    struct limit_conf c = {0};
+    c.max_connections = 8;
+    c.spread = 4;
+    struct limit_key ka, kb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:many", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:many", &c, NULL, NULL), 0);
+    uint64_t r, now = BASE;
+    for (int i = 0; i < 8; i++)
+        assert_true(limits_conn_acquire(a, &ka, now, &r));
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* wants: owed 2 */
+    assert_true(limits_key_over(&ka, 0, now));
+    limits_conn_release(a, &ka);
+    assert_true(limits_key_over(&ka, 0, now)); /* 1 free, 2 owed */
+    limits_conn_release(a, &ka);
+    assert_false(limits_key_over(&ka, 0, now));         /* 2 free: enough */
+    assert_false(limits_conn_acquire(a, &ka, now, &r)); /* kept for the other */
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    assert_true(limits_conn_acquire(b, &kb, now, &r));
+    assert_false(limits_key_over(&ka, 0, now));
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    assert_int_equal(node_cap_conns(node_cap_get(t, "mx:many")), 0);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 static void
 test_conn_leases_local(void **state)
 {
@@ -2359,6 +2406,7 @@ main(void)
         cmocka_unit_test(test_conn_leases_local),
         cmocka_unit_test(test_conn_leases_node_wide),
         cmocka_unit_test(test_rates_node_wide),
+        cmocka_unit_test(test_conn_leases_node_wide_give_what_is_owed),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_backoff_and_recovery),
