@@ -1132,8 +1132,9 @@ config_reference(FILE *out)
                  "The same keys as [mx], for every connection that comes from ADDRESS, one of "
                  "the [delivery] source_address ones (what receivers see of this node), and "
                  "the name it greets with. With "
-                 "[redis] url they hold across all nodes; without, they are split between "
-                 "the workers as [mx] ones are. A [pool] lists sources by their "
+                 "[redis] url they hold across all nodes; without, as [mx] ones: the rates "
+                 "and bursts split between the workers, max_connections the node's. A "
+                 "[pool] lists sources by their "
                  "ADDRESS.\n\n");
     reference_table(out, config_source_keys, sizeof(struct mx_policy));
     fprintf(out, "## [pool NAME]: egress sources\n\n"

@@ -363,8 +363,9 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
 
 /* Connections of site s holding a slot of c's key k: those of c's source
  * at s for its [source] key, else (the [mx] key of the site's preferred
- * host) all of s's. This worker's: without [redis] each worker has its
- * own share of the key. */
+ * host) all of s's. This worker's: its sites share out the slots it
+ * holds; those of the other workers (node_caps.h) or nodes ([redis]) are
+ * shared by their rules. */
 static unsigned
 key_conns(const struct site *s, const struct conn *c, const struct mxkey *k)
 {
