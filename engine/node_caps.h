@@ -30,7 +30,9 @@
  * capped section name the configuration has had, a few dozen octets each.
  *
  * Threading: any worker's thread; the table's lock to find an entry,
- * the entry's for its counts (per connection, not per message).
+ * the entry's for its counts (taken per connection, and once per
+ * transaction of a connection holding the key: node_cap_allow, from
+ * sched_conn_next's limits_key_over; not per recipient).
  */
 #ifndef SLUICE_ENGINE_NODE_CAPS_H
 #define SLUICE_ENGINE_NODE_CAPS_H
