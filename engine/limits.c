@@ -227,8 +227,22 @@ node_counted(const struct limits *l, const struct limit_key *k)
     return k->node != NULL && node_wide(l, k);
 }
 
-/* The lease just popped from k: its node slot back, when it had one (the
- * newest leases are the counted ones: node_held). */
+/* Leases k held before its cap was counted for the node (a reload gave
+ * its section max_connections): counted now, or the other workers would
+ * take the whole cap beside them, and this one, its own count short of
+ * them, would end none (limits_key_over). */
+static void
+node_count_held(struct limits *l, struct limit_key *k)
+{
+    if (k->l == NULL || !node_counted(l, k) || k->node_held >= k->nleases)
+        return;
+    node_cap_add(k->node, worker_id(l), k->nleases - k->node_held);
+    k->node_held = k->nleases;
+}
+
+/* A lease just popped from k: a node slot back when k now holds fewer
+ * leases than it counted (node_held), so those taken while the key was
+ * not counted (its cap 0) give none back. */
 static void
 node_popped(struct limits *l, struct limit_key *k)
 {
@@ -270,6 +284,7 @@ limits_key_set(struct limits *l, struct limit_key *k, const struct limit_conf *c
 {
     k->conf = *c;
     node_attach(l, k);
+    node_count_held(l, k);
 }
 
 void

@@ -171,8 +171,10 @@ struct limit_key {
     uint64_t bo_hold_until;
     uint32_t shape_factor;     /* a shaping action's scale in 1/1024; 0: none */
     unsigned node_held;        /* leases counted in node (node_cap_take; in the padding):
-                                * the newest are given back first, so one taken before
-                                * the key was counted is never given back there */
+                                * a slot goes back when nleases falls below it, so one
+                                * taken while the key was not counted (its cap 0) gives
+                                * none back; those held when it becomes counted are
+                                * counted then (limits_key_set) */
     uint64_t shape_T;          /* a shaping action's least message interval, ns; 0: none */
     bool suspended;
     bool want_wake;            /* a call was refused: wake on news */

@@ -170,6 +170,16 @@ node_cap_give(struct node_cap *x, unsigned w)
     pthread_mutex_unlock(&x->lock);
 }
 
+void
+node_cap_add(struct node_cap *x, unsigned w, unsigned n)
+{
+    w %= x->workers;
+    pthread_mutex_lock(&x->lock);
+    x->conns += n;
+    x->w[w].conns += n;
+    pthread_mutex_unlock(&x->lock);
+}
+
 unsigned
 node_cap_allow(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
 {

@@ -62,6 +62,10 @@ struct node_cap *node_cap_get(struct node_caps *t, const char *name);
 int node_cap_take(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
 /* Worker w's slot back. */
 void node_cap_give(struct node_cap *x, unsigned w);
+/* n slots worker w holds already, counted from now whatever the cap (a
+ * key given a cap by a reload: its leases; the node may then hold more
+ * than the cap, node_cap_allow). */
+void node_cap_add(struct node_cap *x, unsigned w, unsigned n);
 
 /* How many slots worker w may hold now, given what the others hold and
  * want: cap while it is alone; one fewer than it holds when it is past

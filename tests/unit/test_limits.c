@@ -361,7 +361,7 @@ test_unlimited(void **state)
  * its floor (cap / 2), is over by one connection at a time, until the
  * second has its floor. A cap a reload lowers below what both hold: each
  * keeps its part, so together they end the excess only. Leases taken
- * before the key was counted give back no slot of the node's. */
+ * before the key was counted are counted when it is. */
 static void
 test_conn_leases_node_wide(void **state)
 {
@@ -440,17 +440,43 @@ test_conn_leases_node_wide(void **state)
     limits_conn_release(a, &ka);
     limits_conn_release(b, &kb);
     assert_int_equal(node_cap_conns(x), 0);
-    /* two leases while the key had no cap, then one counted: the node's
-     * slot goes back with the last lease, not the first released */
+    /* three leases while the key had no cap (a section with rates only),
+     * then a reload gives it one: they are counted for the node from
+     * then, or the other worker would take the whole cap beside them
+     * (7 connections under a cap of 4, none told to end) */
+    c.max_connections = 0;
+    limits_key_set(a, &ka, &c);
+    limits_key_set(b, &kb, &c);
+    for (int i = 0; i < 3; i++)
+        assert_true(limits_conn_acquire(a, &ka, now, &r));
+    assert_int_equal(node_cap_conns(x), 0);
+    c.max_connections = 4;
+    limits_key_set(a, &ka, &c);
+    limits_key_set(b, &kb, &c);
+    assert_int_equal(node_cap_conns(x), 3);
+    assert_true(limits_conn_acquire(b, &kb, now, &r));  /* the one left */
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* wants its floor */
+    assert_true(limits_key_over(&ka, 0, now));
+    limits_conn_release(a, &ka);
+    limits_conn_release(a, &ka);
+    assert_int_equal(node_cap_conns(x), 2);
+    limits_conn_release(a, &ka);
+    limits_conn_release(b, &kb);
+    assert_int_equal(node_cap_conns(x), 0);
+    /* one lease while the key had no cap, one after: counted (as the
+     * newest), given back with the last lease; a key set again under
+     * the same cap counts nothing twice */
     c.max_connections = 0;
     limits_key_set(a, &ka, &c);
     assert_true(limits_conn_acquire(a, &ka, now, &r));
-    assert_true(limits_conn_acquire(a, &ka, now, &r));
     c.max_connections = 4;
+    limits_key_set(a, &ka, &c);
+    limits_key_set(a, &ka, &c);
+    assert_int_equal(node_cap_conns(x), 1);
+    c.max_connections = 0;
     limits_key_set(a, &ka, &c);
     assert_true(limits_conn_acquire(a, &ka, now, &r));
     assert_int_equal(node_cap_conns(x), 1);
-    limits_conn_release(a, &ka);
     limits_conn_release(a, &ka);
     assert_int_equal(node_cap_conns(x), 1);
     limits_conn_release(a, &ka);
