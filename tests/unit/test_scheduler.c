@@ -4734,12 +4734,14 @@ fx_node_caps(struct fx *f)
 }
 
 /* Without [redis], with two workers, an [mx] cap of 4 is the node's, and
- * the section's connection rate (1/h) is split. a.test's connection, done,
- * idles on one slot; b.test, of another site, is refused a connection by
- * the rate, not the cap (3 slots free): it waits for its timer, and a's
- * idle connection stays (a.test's next message rides it). Taken for a
- * full cap, the refusal had it quit for b.test (limit_wanted), which
- * could not open one anyway: a.test's next mail waited for the rate too. */
+ * the section's connection rate (1/h) is split, each worker's part lent
+ * while its worker asks for none. a.test's connection, done, idles on
+ * one slot; b.test, of another site, opens one on the other worker's
+ * part; c.test, of a third, is refused a connection by the rate, not the
+ * cap (2 slots free): it waits for its timer, and a's idle connection
+ * stays (a.test's next message rides it). Taken for a full cap, the
+ * refusal had it quit for c.test (limit_wanted), which could not open
+ * one anyway: a.test's next mail waited for the rate too. */
 static void
 mx_node_cap_rate_refusal_kicks_no_idle_holder(void **state)
 {
@@ -4764,10 +4766,13 @@ mx_node_cap_rate_refusal_kicks_no_idle_holder(void **state)
     assert_true(ca->idle_poll); /* a slot of a cap counted for the node */
     submit("b.test", 1);
     answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
-    struct dest *b = dest_get(f->d, "b.test");
-    assert_int_equal(f->opened, 1); /* the rate's */
-    assert_int_equal(node_cap_conns(node_cap_get(nc, "mx:*.hoster.test")), 1);
-    assert_false(b->mx_waiting);
+    assert_int_equal(f->opened, 2); /* the other worker's part, lent */
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1 + 2, (unsigned[]){10}, A1 + 2, 1);
+    struct dest *c = dest_get(f->d, "c.test");
+    assert_int_equal(f->opened, 2); /* the rate's: both parts spent */
+    assert_int_equal(node_cap_conns(node_cap_get(nc, "mx:*.hoster.test")), 2);
+    assert_false(c->mx_waiting);
     assert_int_equal(f->quits, 0);
     submit("a.test", 1);
     assert_int_equal(dest_get(f->d, "a.test")->inflight, 1);
