@@ -354,6 +354,23 @@ test_unlimited(void **state)
     limits_key_fini(NULL, &k); /* detached: frees its lease array only */
 }
 
+/* A node's table of workers workers (node_caps.h), and the limiters of
+ * its workers 0 (*a) and 1 (*b) sharing it, without Redis. */
+static struct node_caps *
+node_limiters(unsigned workers, struct limits **a, struct limits **b)
+{
+    static struct worker w0, w1;
+    w0.id = 0;
+    w1.id = 1;
+    struct node_caps *t = node_caps_new(workers);
+    assert_non_null(t);
+    struct limits_opts o = {.node_caps = t};
+    char err[256];
+    assert_int_equal(limits_new(&w0, &o, a, err, sizeof(err)), 0);
+    assert_int_equal(limits_new(&w1, &o, b, err, sizeof(err)), 0);
+    return t;
+}
+
 /* Without Redis, a cap held by both workers' limiters (spread 2) is the
  * node's (engine/node_caps.h): one worker alone may hold all of it; the
  * other, refused, is answered with a poll time (a connection of the
@@ -366,16 +383,8 @@ static void
 test_conn_leases_node_wide(void **state)
 {
     (void)state;
-    struct node_caps *t = node_caps_new(2);
-    assert_non_null(t);
-    static struct worker w0, w1;
-    w0.id = 0;
-    w1.id = 1;
-    struct limits_opts o = {.node_caps = t};
-    struct limits *a = NULL, *b = NULL;
-    char err[256];
-    assert_int_equal(limits_new(&w0, &o, &a, err, sizeof(err)), 0);
-    assert_int_equal(limits_new(&w1, &o, &b, err, sizeof(err)), 0);
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(2, &a, &b);
     struct limit_conf c = {0};
     c.max_connections = 4;
     c.spread = 2;
@@ -503,16 +512,8 @@ static void
 test_rates_node_wide(void **state)
 {
     (void)state;
-    struct node_caps *t = node_caps_new(2);
-    assert_non_null(t);
-    static struct worker w0, w1;
-    w0.id = 0;
-    w1.id = 1;
-    struct limits_opts o = {.node_caps = t};
-    struct limits *a = NULL, *b = NULL;
-    char err[256];
-    assert_int_equal(limits_new(&w0, &o, &a, err, sizeof(err)), 0);
-    assert_int_equal(limits_new(&w1, &o, &b, err, sizeof(err)), 0);
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(2, &a, &b);
     struct limit_conf c = conf_msgs(5, 1000, 0); /* each worker's part */
     c.spread = 2;
     struct limit_key ka, kb;
@@ -568,16 +569,8 @@ static void
 test_conn_leases_node_wide_give_what_is_owed(void **state)
 {
     (void)state;
-    struct node_caps *t = node_caps_new(4);
-    assert_non_null(t);
-    static struct worker w0, w1;
-    w0.id = 0;
-    w1.id = 1;
-    struct limits_opts o = {.node_caps = t};
-    struct limits *a = NULL, *b = NULL;
-    char err[256];
-    assert_int_equal(limits_new(&w0, &o, &a, err, sizeof(err)), 0);
-    assert_int_equal(limits_new(&w1, &o, &b, err, sizeof(err)), 0);
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(4, &a, &b);
     struct limit_conf c = {0};
     c.max_connections = 8;
     c.spread = 4;
