@@ -414,8 +414,9 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
     uint64_t T = sat_mul(T1, share);
     uint64_t tau = sat_mul(T, share == 1 ? k->conf.msg_burst : local_part(l, k, k->conf.msg_burst));
     unsigned g = node_rated(l, k)
-                     ? node_cap_rate_take(k->node, NODE_RATE_MSG, worker_id(l), T, tau,
-                                          part_idle_ns(T), now_ns, n, retry_at_ns, NULL)
+                     ? node_cap_rate_take(k->node, NODE_RATE_MSG, worker_id(l), T,
+                                          k->conf.msg_burst, part_idle_ns(T), now_ns, n,
+                                          retry_at_ns, NULL)
                      : limits_gcra(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
     l->st.local_decisions++;
     l->st.msgs_granted += g;
@@ -567,8 +568,8 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         if (node_rated(l, k)) {
             /* a token of this worker's part, or of an idle one's */
             unsigned from = worker_id(l);
-            if (node_cap_rate_take(k->node, NODE_RATE_CONN, worker_id(l), T, tau, part_idle_ns(T),
-                                   now_ns, 1, retry_at_ns, &from) == 0) {
+            if (node_cap_rate_take(k->node, NODE_RATE_CONN, worker_id(l), T, k->conf.conn_burst,
+                                   part_idle_ns(T), now_ns, 1, retry_at_ns, &from) == 0) {
                 l->st.conns_refused++;
                 return false;
             }

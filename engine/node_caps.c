@@ -22,6 +22,7 @@
 struct node_rate_part {
     uint64_t tat;   /* its GCRA state (limits_gcra) */
     uint64_t asked; /* ns: when it last asked for a token; 0: never */
+    unsigned burst; /* its burst (its worker's, as it last asked) */
 };
 
 /* One worker's part of an entry. */
@@ -236,7 +237,7 @@ node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
 }
 
 unsigned
-node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T, uint64_t tau,
+node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T, unsigned burst,
                    uint64_t idle_ns, uint64_t now_ns, unsigned n, uint64_t *retry_at_ns,
                    unsigned *from)
 {
@@ -245,6 +246,7 @@ node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_
     uint64_t retry = UINT64_MAX, at;
     pthread_mutex_lock(&x->lock);
     x->w[w].rate[r].asked = now_ns;
+    x->w[w].rate[r].burst = burst;
     for (unsigned i = 0; i < x->workers && got < n; i++) {
         unsigned v = (w + i) % x->workers;
         struct node_rate_part *p = &x->w[v].rate[r];
@@ -252,6 +254,12 @@ node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_
          * wait for their tokens asks once a period, T) */
         if (v != w && p->asked != 0 && (p->asked > now_ns || now_ns - p->asked < idle_ns))
             continue; /* (asked later than now: on another worker's clock) */
+        /* each part at its own burst (the parts' add up to the whole;
+         * the borrower's on every part lent gave the node more): none for
+         * a part whose worker never asked, its burst unknown */
+        uint64_t tau = p->burst == 0                ? 0
+                       : T > UINT64_MAX / p->burst ? UINT64_MAX
+                                                   : T * p->burst;
         unsigned g = limits_gcra(&p->tat, T, tau, now_ns, n - got, &at);
         if (g == 0 && at < retry)
             retry = at;

@@ -85,13 +85,14 @@ bool node_cap_full(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns
  * for a moment.) */
 bool node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
 /* Tokens of x's message or connection rate for worker w: up to n of its
- * part (a GCRA at interval T, the part's, tolerance tau), then of the
- * part of each other worker that asked for none within idle_ns. How many
- * (0: *retry_at_ns, when the first is due); *from (may be NULL): the part
- * the last came from, for node_cap_rate_back. */
+ * part (a GCRA at interval T, the part's, with w's part of the burst,
+ * burst), then of the part of each other worker that asked for none
+ * within idle_ns (at that worker's burst as it last asked; none if it
+ * never did). How many (0: *retry_at_ns, when the first is due); *from
+ * (may be NULL): the part the last came from, for node_cap_rate_back. */
 enum node_rate { NODE_RATE_MSG, NODE_RATE_CONN };
 unsigned node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T,
-                            uint64_t tau, uint64_t idle_ns, uint64_t now_ns, unsigned n,
+                            unsigned burst, uint64_t idle_ns, uint64_t now_ns, unsigned n,
                             uint64_t *retry_at_ns, unsigned *from);
 /* One token of the part from back (interval T): it was not used. */
 void node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t T);

@@ -598,6 +598,44 @@ test_conn_leases_node_wide_give_what_is_owed(void **state)
     node_caps_free(t);
 }
 
+/* A part lent keeps its own burst: message_burst = 1 over two workers is
+ * 1 for the first and 0 for the second (limits_part). The first alone, at
+ * once, gets its part's two tokens and one of the second's, three as the
+ * parts add up to (two of the second's, on the first's burst, gave the
+ * node 4); and once the second has asked, the first never gets more of
+ * its part than the part's own burst allows. A part whose worker never
+ * asked (its burst unknown) lends without one. */
+static void
+test_rates_node_wide_lent_burst(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(2, &a, &b);
+    struct limit_conf ca = conf_msgs(5, 1000, 1), cb = conf_msgs(5, 1000, 0);
+    ca.spread = cb.spread = 2;
+    struct limit_key ka, kb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:burst", &ca, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:burst", &cb, NULL, NULL), 0);
+    uint64_t r, now = BASE;
+    /* the second asks once (its part's token, and one of the first's,
+     * which has asked for none) and goes quiet */
+    assert_int_equal(limits_take_msgs(b, &kb, 1000, now, &r), 2);
+    now += 10 * SEC; /* both parts full again, the second long idle */
+    assert_int_equal(limits_take_msgs(a, &ka, 1000, now, &r), 3);
+    assert_int_equal(limits_take_msgs(a, &ka, 1000, now, &r), 0);
+    /* 10 s on, a part never asked for (a key of its own) */
+    struct limit_key kc;
+    assert_int_equal(limits_key_init(a, &kc, "mx:burst2", &ca, NULL, NULL), 0);
+    now += 10 * SEC;
+    assert_int_equal(limits_take_msgs(a, &kc, 1000, now, &r), 3);
+    limits_key_fini(a, &kc);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 static void
 test_conn_leases_local(void **state)
 {
@@ -2426,6 +2464,7 @@ main(void)
         cmocka_unit_test(test_conn_leases_node_wide),
         cmocka_unit_test(test_rates_node_wide),
         cmocka_unit_test(test_conn_leases_node_wide_give_what_is_owed),
+        cmocka_unit_test(test_rates_node_wide_lent_burst),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_backoff_and_recovery),
