@@ -636,6 +636,38 @@ test_rates_node_wide_lent_burst(void **state)
     node_caps_free(t);
 }
 
+/* A connection token borrowed from another worker's part and undone goes
+ * back to that part, not to the borrower's: the lender, asking next, has
+ * its token (the borrower's part, asked for just now, lends it none). */
+static void
+test_rates_node_wide_borrowed_token_back(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(2, &a, &b);
+    struct limit_conf c = {0};
+    c.conn_rate.count = 1;
+    c.conn_rate.per_ms = 1000; /* each part: 1/s, no burst */
+    c.max_connections = 2;
+    c.spread = 2;
+    struct limit_key ka, kb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:lent", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:lent", &c, NULL, NULL), 0);
+    uint64_t r, now = BASE;
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* its own part's */
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* the first's, lent */
+    limits_conn_unacquire(b, &kb, now);                /* did not open */
+    limits_conn_release(b, &kb);
+    assert_true(limits_conn_acquire(a, &ka, now, &r)); /* its part has it back */
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* neither part has one */
+    limits_conn_release(a, &ka);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 static void
 test_conn_leases_local(void **state)
 {
@@ -2465,6 +2497,7 @@ main(void)
         cmocka_unit_test(test_rates_node_wide),
         cmocka_unit_test(test_conn_leases_node_wide_give_what_is_owed),
         cmocka_unit_test(test_rates_node_wide_lent_burst),
+        cmocka_unit_test(test_rates_node_wide_borrowed_token_back),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_backoff_and_recovery),
