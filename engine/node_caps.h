@@ -27,12 +27,14 @@
  * worker whose timer fired first every token.)
  *
  * Entries are made on first use and live as long as the table: one per
- * capped section name the configuration has had, a few dozen octets each.
+ * capped or rated section name the configuration has had, some 64 octets
+ * a worker each.
  *
  * Threading: any worker's thread; the table's lock to find an entry,
- * the entry's for its counts (taken per connection, and once per
- * transaction of a connection holding the key: node_cap_allow, from
- * sched_conn_next's limits_key_over; not per recipient).
+ * the entry's for its counts and rate parts (taken per connection, once
+ * per transaction of a connection holding the key: node_cap_allow, from
+ * sched_conn_next's limits_key_over; and per message token request of a
+ * rated key: node_cap_rate_take; not per recipient).
  */
 #ifndef SLUICE_ENGINE_NODE_CAPS_H
 #define SLUICE_ENGINE_NODE_CAPS_H
