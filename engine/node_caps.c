@@ -23,6 +23,7 @@ struct node_rate_part {
     uint64_t tat;   /* its GCRA state (limits_gcra) */
     uint64_t asked; /* ns: when it last asked for a token; 0: never */
     unsigned burst; /* its burst (its worker's, as it last asked) */
+    bool lent;      /* another worker took a token of it since its worker's last */
 };
 
 /* One worker's part of an entry. */
@@ -260,11 +261,25 @@ node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_
         uint64_t tau = p->burst == 0                ? 0
                        : T > UINT64_MAX / p->burst ? UINT64_MAX
                                                    : T * p->burst;
+        /* Its worker back after a lending has the token the lending took
+         * from it, one interval ahead of the part's schedule: lent while
+         * it asked for none, the part was drained by the borrower as each
+         * token fell due, so a worker asking less often than the part is
+         * lent after (its domains' own rates) found none each time and
+         * got nothing while the other was busy. The token is owed on the
+         * part: no borrower takes another until the schedule is back
+         * (tat within tau + T), so the part gives no more than one token
+         * beyond its rate in any window. */
+        if (v == w && p->lent && (p->tat > now_ns || now_ns - p->tat < T) &&
+            tau <= UINT64_MAX - T)
+            tau += T; /* (a schedule idle since starts again: nothing owed) */
         unsigned g = limits_gcra(&p->tat, T, tau, now_ns, n - got, &at);
         if (g == 0 && at < retry)
             retry = at;
         if (g > 0 && from != NULL)
             *from = v;
+        if (g > 0)
+            p->lent = v != w;
         got += g;
     }
     pthread_mutex_unlock(&x->lock);

@@ -24,7 +24,11 @@
  * asked for none for a while (node_cap_rate_take), so a domain alone gets
  * the whole rate, not its worker's part, while two busy workers each keep
  * theirs. (One state for the node, first come first served, gave a
- * worker whose timer fired first every token.)
+ * worker whose timer fired first every token.) A worker back after its
+ * part was lent has a token at once, one interval ahead of the part's
+ * schedule, which no borrower takes back until it is kept again: one
+ * whose domains ask less often than the part is lent after (their own
+ * rates) would else find it drained at each ask while another is busy.
  *
  * Entries are made on first use and live as long as the table: one per
  * capped or rated section name the configuration has had, some 64 octets

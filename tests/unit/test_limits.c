@@ -668,6 +668,51 @@ test_rates_node_wide_borrowed_token_back(void **state)
     node_caps_free(t);
 }
 
+/* A worker whose domains ask for a token of its part less often than the
+ * part is lent after (a domain of its own at 1/s under a part of 5/s:
+ * asked once a second, lent after 600 ms unasked) while another worker
+ * takes every token it can: it gets the token it asks for (the one the
+ * lending took from it), not none. Each of its asks found its part just
+ * drained by the other, which took each token as it fell due. The node
+ * stays within the rate (the parts', and one token of slack); the busy
+ * worker keeps its own part. */
+static void
+test_rates_node_wide_lender_not_starved(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(2, &a, &b);
+    struct limit_conf c = conf_msgs(5, 1000, 0); /* each worker's part */
+    c.spread = 2;
+    struct limit_key ka, kb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:lender", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:lender", &c, NULL, NULL), 0);
+    uint64_t r, ga = 0, gb = 0;
+    static uint8_t per_ms[20000];
+    unsigned win = 0, most = 0;
+    for (unsigned ms = 0; ms < 20000; ms++) {
+        unsigned g = limits_take_msgs(a, &ka, 1000, BASE + MS_TO_NS(ms), &r);
+        ga += g;
+        if (ms % 1000 == 500) {
+            unsigned h = limits_take_msgs(b, &kb, 1, BASE + MS_TO_NS(ms), &r);
+            gb += h;
+            g += h;
+        }
+        per_ms[ms] = (uint8_t)g;
+        win += g - (ms >= 1000 ? per_ms[ms - 1000] : 0);
+        most = win > most ? win : most;
+    }
+    assert_int_equal(gb, 20);
+    assert_true(most <= 5 + 1 + 5 + 1 + 1); /* any second: each part's, and the one owed */
+    assert_in_range(ga, 100, 182); /* its own part at least, and what it may borrow */
+    assert_true(ga + gb <= 202);   /* 10/s for 20 s, and a token's slack */
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 static void
 test_conn_leases_local(void **state)
 {
@@ -2498,6 +2543,7 @@ main(void)
         cmocka_unit_test(test_conn_leases_node_wide_give_what_is_owed),
         cmocka_unit_test(test_rates_node_wide_lent_burst),
         cmocka_unit_test(test_rates_node_wide_borrowed_token_back),
+        cmocka_unit_test(test_rates_node_wide_lender_not_starved),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_backoff_and_recovery),
