@@ -505,8 +505,8 @@ test_conn_leases_node_wide(void **state)
  * the node's: a worker alone borrows the part of the other, which asks
  * for none, and gets the whole rate (100 in 10 s, not 50); both asking,
  * each keeps its own (about 50 each: not all to the one that asks first,
- * as one state for the node gave); the other gone quiet, the first has
- * the whole rate again. A connection-rate token taken for a lease the
+ * as one state for the node gave); the first gone quiet, the second has
+ * the whole rate. A connection-rate token taken for a lease the
  * node's cap refuses, or one undone, goes back to the part it came from. */
 static void
 test_rates_node_wide(void **state)
