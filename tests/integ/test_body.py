@@ -807,14 +807,18 @@ def test_8bit_goes_to_the_third_mx_when_two_lack_8bitmime():
 
 
 def test_detour_at_an_mx_sections_cap():
-    """[mx mx1.test] max_connections = 2 (one for each of the two
-    workers), connections idle for 30 s: the domain's connection to MX 10,
-    idle after a 7-bit message, holds its worker's slot of the cap; an
-    8-bit message MX 10 refuses goes to MX 20 at once, that connection
-    ending to make room (reason=host_refused), not 30 s later when it
-    idles out (the connection to MX 20 was refused by the cap meanwhile)."""
+    """[mx mx1.test] max_connections = 1 (the node's, engine/node_caps.h),
+    connections idle for 30 s: the domain's connection to MX 10, idle
+    after a 7-bit message, holds the cap's one slot (a connection of the
+    domain to any of its hosts holds a slot of its preferred host's
+    section); an 8-bit message MX 10 refuses goes to MX 20 at once, that
+    connection ending to make room (reason=host_refused), not 30 s later
+    when it idles out (the connection to MX 20 was refused by the cap
+    meanwhile). (A cap of 2 was split, one for each of the two workers,
+    until the cap became the node's: the domain's worker may now hold
+    both, and MX 20's connection needs no room made.)"""
     r = Relay(_two_mx_records(), sink_flags=["-8"], idle_timeout="30s",
-              domain_conf=_dlog_rate_conf("[mx mx1.test]\nmax_connections = 2\n"),
+              domain_conf=_dlog_rate_conf("[mx mx1.test]\nmax_connections = 1\n"),
               delivery_conf="initial_connections = 4")
     _two_in_turn(r, eight_first=False, closed=("mx1.test", "127.0.0.1", "host_refused"))
 
