@@ -203,6 +203,8 @@ struct conn {
                            * must have the same */
     struct site_addr *slot; /* its slot in the node's per-address table (site.h);
                              * NULL: not counted (no memory for the entry) */
+    bool slot_yielded;    /* told to give the slot back to another worker: counted
+                           * there as yielding until site_addr_give */
     uint64_t id;          /* for the logs: conn=ID on each line */
     const char *quit_why; /* static: why the scheduler said goodbye (sched_conn_next),
                            * the reason of its conn_close line; NULL: "done" */

@@ -335,7 +335,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
 void
 slot_give_back(struct delivery *d)
 {
-    site_addr_give(&d->sites, d->slot_taken);
+    site_addr_give(&d->sites, d->slot_taken, false);
     d->slot_taken = NULL;
 }
 

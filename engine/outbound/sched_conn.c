@@ -369,8 +369,10 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
-    if (site_addr_yield(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address,
+    if (!c->slot_yielded &&
+        site_addr_yield(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address,
                         d->w->now)) {
+        c->slot_yielded = true; /* counted as yielding there until it ends */
         /* Another worker waits for a slot at this address, and this one
          * holds more than its share of the cap there: this connection
          * gives its slot back after its transaction (site_addr_take
@@ -536,8 +538,10 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
             unsigned cap = d->e->cfg->delivery.max_connections_per_address;
-            if (fairq_empty(&t->q) &&
-                site_addr_wanted(&d->sites, c->slot, cap, d->w->now, c->site)) {
+            bool yielded = false;
+            if (fairq_empty(&t->q) && !c->slot_yielded &&
+                site_addr_wanted(&d->sites, c->slot, cap, d->w->now, c->site, &yielded)) {
+                c->slot_yielded = yielded;
                 /* A domain of another site, or on another worker, waits
                  * for this address's slot: give it back rather than hold
                  * it idle. */
@@ -863,8 +867,9 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     d->stats.open--;
     if (site != NULL)
         site->conns--;
-    site_addr_give(&d->sites, c->slot);
+    site_addr_give(&d->sites, c->slot, c->slot_yielded);
     c->slot = NULL;
+    c->slot_yielded = false;
     if (c->src != NULL && site != NULL) {
         struct site_source *ss = site_source(site, c->src_id);
         if (ss != NULL && ss->conns > 0)

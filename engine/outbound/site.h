@@ -274,11 +274,15 @@ int site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a,
  * least one), what it holds whatever the others want. */
 unsigned site_addr_floor(const struct sites *s, unsigned cap);
 /* A connection holding slot x should give it back now rather than take
- * another transaction: s's worker holds more than its floor there and
- * another worker below its floor wants one. */
-bool site_addr_yield(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now);
-/* The slot given back (x NULL: nothing). */
-void site_addr_give(const struct sites *s, struct site_addr *x);
+ * another transaction: s's worker holds more than its floor there once
+ * those already yielding have gone, and more workers below their floor
+ * want one than the slots free and yielding cover (one slot per wanting
+ * worker). True counts it as yielding until its site_addr_give (with
+ * yielded true): the caller's connection must then end. */
+bool site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64_t now);
+/* The slot given back (x NULL: nothing); yielded: site_addr_yield or
+ * site_addr_wanted had told its connection to end (*yielded). */
+void site_addr_give(const struct sites *s, struct site_addr *x, bool yielded);
 /* A destination of site `by` (on s's worker) found a taken: until
  * `until` (ns), site_addr_wanted() says so to the connections holding a
  * slot there, and one that has nothing left for its own site quits
@@ -295,9 +299,11 @@ void site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a
                     const struct site *by);
 /* Whether a connection of site `mine` (on s's worker) holding slot x
  * should give it back when it has nothing to send (no lock: x is its);
- * cap: max_connections_per_address, whose share is each worker's floor. */
-bool site_addr_wanted(const struct sites *s, const struct site_addr *x, unsigned cap,
-                      uint64_t now, const struct site *mine);
+ * cap: max_connections_per_address, whose share is each worker's floor.
+ * *yielded: true when it was for another worker (site_addr_yield's,
+ * counted: the connection must end and say so to site_addr_give). */
+bool site_addr_wanted(const struct sites *s, struct site_addr *x, unsigned cap,
+                      uint64_t now, const struct site *mine, bool *yielded);
 /* a's key as counted: address and port (a v4-mapped address as its
  * IPv4 one); out holds 18 octets. Its length. */
 size_t site_addr_key(const union dns_addr *a, unsigned char *out);

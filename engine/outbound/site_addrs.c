@@ -22,13 +22,21 @@
  * connection of a worker past its floor there gives its slot back after
  * its transaction (site_addr_yield, sched_conn.c), or at once when it has
  * nothing to send (site_addr_wanted), so a worker's domain waits for no
- * more than a transaction of the others, not their backlog. A worker at
- * or below its floor keeps its slots: given to a worker past its own,
- * they would be wanted back at once.
- * Each entry keeps every worker's count and want; the holders read them
- * through their own entry with no lock (atomics: read a little late,
- * they cost one idle connection a little longer, or one quit for
- * nothing).
+ * more than a transaction of the others, not their backlog. One slot
+ * goes per wanting worker: no connection yields while the slots free and
+ * those of connections already yielding (each entry counts them, until
+ * their site_addr_give) cover the workers that want one. A want is for
+ * one slot (a worker that needs more is refused again, and wants again),
+ * and several connections that finish their transactions before the
+ * first has gone would otherwise all yield: the slots beyond the one
+ * wanted were then taken back by their own worker, connections closed
+ * and opened again for nothing (four workers, a cap of 8: six ended for
+ * two wanted). A worker at or below its floor keeps its slots: given to
+ * a worker past its own, they would be wanted back at once.
+ * Each entry keeps every worker's count, yielding count and want; the
+ * holders read them through their own entry with no lock (atomics: read
+ * a little late, they cost one idle connection a little longer, or one
+ * quit for nothing).
  *
  * Threading: any worker's thread; the stripes' locks.
  */
@@ -47,6 +55,7 @@
 /* One worker's part of an address: its connections there and its want. */
 struct site_addr_worker {
     _Atomic unsigned conns;            /* changed under the stripe's lock */
+    _Atomic unsigned yielding;         /* of conns, told to give theirs back (site_addr_yield) */
     _Atomic uint64_t wanted_until;     /* ns: a domain of it found no room here ... */
     _Atomic(const void *) wanted_by;   /* ... of this site (compared, never followed) */
 };
@@ -55,7 +64,7 @@ struct site_addr {
     struct hash_node node;
     uint32_t src;                      /* the owner: a pool's name id (0: no pool) */
     union dns_addr a;                  /* port included */
-    unsigned conns;                    /* every worker's; under the stripe's lock */
+    _Atomic unsigned conns;            /* every worker's; changed under the stripe's lock */
     struct site_addr_worker w[];       /* the table's workers */
 };
 
@@ -169,7 +178,7 @@ site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a)
     unsigned k = stripe_of(h);
     pthread_mutex_lock(&s->addrs->stripe[k].lock);
     const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs->stripe[k].h, h, &r);
-    unsigned n = x ? x->conns : 0;
+    unsigned n = x ? atomic_load_explicit(&x->conns, memory_order_relaxed) : 0;
     pthread_mutex_unlock(&s->addrs->stripe[k].lock);
     return n;
 }
@@ -221,9 +230,10 @@ site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uin
 }
 
 bool
-site_addr_wanted(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now,
-                 const struct site *mine)
+site_addr_wanted(const struct sites *s, struct site_addr *x, unsigned cap, uint64_t now,
+                 const struct site *mine, bool *yielded)
 {
+    *yielded = false;
     if (x == NULL)
         return false;
     /* Another site's want on this worker (a site's own does not count:
@@ -238,19 +248,36 @@ site_addr_wanted(const struct sites *s, const struct site_addr *x, unsigned cap,
      * floor, or to a worker that has its floor, the slot would be wanted
      * back at once: the workers would take turns closing and opening
      * connections to the address. */
-    return site_addr_yield(s, x, cap, now);
+    return *yielded = site_addr_yield(s, x, cap, now);
 }
 
 bool
-site_addr_yield(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now)
+site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64_t now)
 {
     if (x == NULL || cap == 0 || s->addrs->workers < 2)
         return false;
     unsigned floor = site_addr_floor(s, cap);
     /* read without the lock: a count a little stale costs one
      * transaction's delay, or one yield for nothing */
-    return atomic_load_explicit(&x->w[me(s)].conns, memory_order_relaxed) > floor &&
-           owed(s, x, floor, now) > 0;
+    const struct site_addr_worker *w = &x->w[me(s)];
+    unsigned mine = atomic_load_explicit(&w->conns, memory_order_relaxed);
+    unsigned going = atomic_load_explicit(&w->yielding, memory_order_relaxed);
+    if (mine <= floor + going)
+        return false; /* at its floor once those told have gone */
+    /* Workers below their floor that want a slot now, one each, against
+     * the slots free and those on their way (every worker's yielding). */
+    unsigned wanting = 0, coming = 0, all = atomic_load_explicit(&x->conns, memory_order_relaxed);
+    for (unsigned v = 0; v < s->addrs->workers; v++) {
+        coming += atomic_load_explicit(&x->w[v].yielding, memory_order_relaxed);
+        if (v != me(s) && atomic_load_explicit(&x->w[v].conns, memory_order_relaxed) < floor &&
+            atomic_load_explicit(&x->w[v].wanted_until, memory_order_relaxed) > now)
+            wanting++;
+    }
+    coming += cap > all ? cap - all : 0;
+    if (wanting <= coming)
+        return false;
+    atomic_fetch_add_explicit(&x->w[me(s)].yielding, 1, memory_order_relaxed);
+    return true;
 }
 
 int
@@ -267,9 +294,10 @@ site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, uns
         unsigned floor = site_addr_floor(s, cap);
         /* Full; or past this worker's floor, with the slots left owed
          * to other workers that want theirs. */
-        if (x->conns >= cap ||
+        unsigned all = atomic_load_explicit(&x->conns, memory_order_relaxed);
+        if (all >= cap ||
             (atomic_load_explicit(&x->w[me(s)].conns, memory_order_relaxed) >= floor &&
-             cap - x->conns <= owed(s, x, floor, now))) {
+             cap - all <= owed(s, x, floor, now))) {
             pthread_mutex_unlock(&s->addrs->stripe[k].lock);
             return -EBUSY;
         }
@@ -289,7 +317,7 @@ site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, uns
             return -ENOMEM;
         }
     }
-    x->conns++;
+    atomic_fetch_add_explicit(&x->conns, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&x->w[me(s)].conns, 1, memory_order_relaxed);
     atomic_store_explicit(&x->w[me(s)].wanted_until, 0, memory_order_relaxed); /* had one */
     pthread_mutex_unlock(&s->addrs->stripe[k].lock);
@@ -298,14 +326,16 @@ site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, uns
 }
 
 void
-site_addr_give(const struct sites *s, struct site_addr *x)
+site_addr_give(const struct sites *s, struct site_addr *x, bool yielded)
 {
     if (x == NULL)
         return;
     unsigned k = stripe_of(x->node.hash);
     pthread_mutex_lock(&s->addrs->stripe[k].lock);
     atomic_fetch_sub_explicit(&x->w[me(s)].conns, 1, memory_order_relaxed);
-    if (--x->conns == 0) {
+    if (yielded)
+        atomic_fetch_sub_explicit(&x->w[me(s)].yielding, 1, memory_order_relaxed);
+    if (atomic_fetch_sub_explicit(&x->conns, 1, memory_order_relaxed) == 1) {
         hash_remove(&s->addrs->stripe[k].h, &x->node);
         /* shrunk after a burst, but its last buckets kept: a connection
          * that opens and closes alone costs no allocation under the lock */

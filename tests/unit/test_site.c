@@ -410,19 +410,19 @@ sites_and_addresses(void **state)
     assert_non_null(x7 = take(&s, 7, &a1, 3, 0));
     assert_int_equal(site_addr_conns(&s, 7, &a1), 1);
     assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
-    site_addr_give(&s, x7);
-    site_addr_give(&s, x2);
+    site_addr_give(&s, x7, false);
+    site_addr_give(&s, x2, false);
     assert_int_equal(site_addr_conns(&s, 0, &a2), 0);
     assert_int_equal(site_addrs_count(s.addrs), 1);
     /* no cap (0): always a slot */
     struct site_addr *x0 = take(&s, 0, &a1, 0, 0);
     assert_non_null(x0);
     assert_int_equal(site_addr_conns(&s, 0, &a1), 4);
-    site_addr_give(&s, x0);
+    site_addr_give(&s, x0, false);
     for (unsigned i = 0; i < 3; i++)
-        site_addr_give(&s, x1[i]);
+        site_addr_give(&s, x1[i], false);
     assert_int_equal(site_addrs_count(s.addrs), 0);
-    site_addr_give(&s, NULL); /* nothing */
+    site_addr_give(&s, NULL, false); /* nothing */
     sites_fini(&s);
 }
 
@@ -463,12 +463,14 @@ v4_mapped_counts_as_its_ipv4_address(void **state)
     /* a want made through one form is seen through the other's slot; a
      * site's own want on its worker is not */
     site_addr_want(&s, 0, &mapped, 100, mine);
-    assert_true(site_addr_wanted(&s, xv4, 2, 50, NULL));
-    assert_false(site_addr_wanted(&s, xv4, 2, 50, mine));
-    assert_false(site_addr_wanted(&s, xv4, 2, 100, NULL)); /* over */
-    site_addr_give(&s, xv4);
+    bool yielded = true;
+    assert_true(site_addr_wanted(&s, xv4, 2, 50, NULL, &yielded));
+    assert_false(yielded); /* a site of its own worker's: no other worker's due */
+    assert_false(site_addr_wanted(&s, xv4, 2, 50, mine, &yielded));
+    assert_false(site_addr_wanted(&s, xv4, 2, 100, NULL, &yielded)); /* over */
+    site_addr_give(&s, xv4, false);
     assert_int_equal(site_addr_conns(&s, 0, &mapped), 1);
-    site_addr_give(&s, xm);
+    site_addr_give(&s, xm, false);
     assert_int_equal(site_addrs_count(s.addrs), 0);
     site_unref(&s, mine);
     sites_fini(&s);
@@ -501,48 +503,148 @@ cap_is_the_nodes_across_workers(void **state)
     assert_int_equal(site_addr_conns(&w1, 0, &a), 4);
     /* worker 1 wants it: worker 0's connection, of the same site key, quits */
     site_addr_want(&w1, 0, &a, 100, s1);
-    assert_true(site_addr_wanted(&w0, x[0], 4, 50, s0));
-    site_addr_give(&w0, x[0]);
+    bool y0 = false, yn = false;
+    assert_true(site_addr_wanted(&w0, x[0], 4, 50, s0, &y0));
+    assert_true(y0); /* for another worker: counted as yielding */
+    /* one slot per wanting worker: worker 0's busy connections keep
+     * theirs while x[0]'s is on its way */
+    assert_false(site_addr_yield(&w0, x[1], 4, 50));
+    site_addr_give(&w0, x[0], y0);
     /* the slot freed is kept for worker 1 (below its floor, and wanting):
-     * worker 0, past its floor, does not take it back, and its busy
-     * connections give theirs back down to its floor */
+     * worker 0, past its floor, does not take it back; it covers the
+     * want, so no busy connection of worker 0 gives another */
     assert_null(take(&w0, 0, &a, 4, 50));
     assert_int_equal(errno, EBUSY);
-    assert_true(site_addr_yield(&w0, x[1], 4, 50));
-    assert_false(site_addr_yield(&w1, x[1], 4, 50));
-    assert_false(site_addr_yield(&w0, x[1], 4, 100)); /* the want is over */
+    assert_false(site_addr_yield(&w0, x[1], 4, 50));
     struct site_addr *y = take(&w1, 0, &a, 4, 50);
     assert_non_null(y);
     assert_ptr_equal(y, x[1]); /* one entry for the node */
-    assert_false(site_addr_yield(&w0, x[1], 4, 50)); /* worker 1's want ended with its take */
+    /* worker 1 wants a second (refused: full), below its floor still:
+     * one of worker 0's busy connections (3 of 4, floor 2) yields after
+     * its transaction, and only one */
+    assert_null(take(&w1, 0, &a, 4, 60));
+    site_addr_want(&w1, 0, &a, 100, s1);
+    assert_false(site_addr_yield(&w1, y, 4, 60)); /* not the wanting worker's own */
+    assert_true(site_addr_yield(&w0, x[1], 4, 60));
+    assert_false(site_addr_yield(&w0, x[2], 4, 60));
+    site_addr_give(&w0, x[1], true);
+    assert_false(site_addr_yield(&w0, x[2], 4, 60)); /* the free slot covers it */
+    struct site_addr *y1 = take(&w1, 0, &a, 4, 60);
+    assert_non_null(y1);
+    assert_false(site_addr_yield(&w0, x[2], 4, 60)); /* worker 1's want ended with its take */
     /* worker 0's own want of that site does not make its own quit; nor
-     * does it make worker 1's, while worker 0 holds its floor (3 of 4,
-     * floor 2): given, the slot would be wanted back at once */
+     * does it make worker 1's, at its floor (2 of 4): given, the slot
+     * would be wanted back at once */
     site_addr_want(&w0, 0, &a, 200, s0);
-    assert_false(site_addr_wanted(&w0, x[1], 4, 150, s0));
-    assert_false(site_addr_wanted(&w1, y, 4, 150, s1));
+    assert_false(site_addr_wanted(&w0, x[2], 4, 150, s0, &yn));
+    assert_false(site_addr_wanted(&w1, y, 4, 150, s1, &yn));
     /* nor while worker 1 holds no more than its floor, worker 0 below its
      * own (1 each: two slots are free for worker 0 to take) */
-    site_addr_give(&w0, x[1]);
-    site_addr_give(&w0, x[2]);
-    assert_false(site_addr_wanted(&w1, y, 4, 150, s1));
+    site_addr_give(&w0, x[2], false);
+    site_addr_give(&w1, y1, false);
+    assert_false(site_addr_wanted(&w1, y, 4, 150, s1, &yn));
     /* worker 1 past its floor (3 of 4, taken once worker 0's want ended),
      * worker 0 below its own and wanting: worker 1's idle one quits */
     struct site_addr *y2 = take(&w1, 0, &a, 4, 250), *y3 = take(&w1, 0, &a, 4, 250);
     assert_non_null(y2);
     assert_non_null(y3);
     site_addr_want(&w0, 0, &a, 400, s0);
-    assert_true(site_addr_wanted(&w1, y, 4, 300, s1));
-    assert_false(site_addr_wanted(&w1, y, 4, 400, s1)); /* the want is over */
-    site_addr_give(&w1, y);
-    site_addr_give(&w1, y2);
-    site_addr_give(&w1, y3);
-    site_addr_give(&w0, x[3]);
+    assert_false(site_addr_wanted(&w1, y, 4, 400, s1, &yn)); /* the want is over */
+    assert_true(site_addr_wanted(&w1, y, 4, 300, s1, &yn));
+    assert_true(yn);
+    site_addr_give(&w1, y, yn);
+    site_addr_give(&w1, y2, false);
+    site_addr_give(&w1, y3, false);
+    site_addr_give(&w0, x[3], false);
     assert_int_equal(site_addrs_count(t), 0);
     site_unref(&w0, s0);
     site_unref(&w1, s1);
     sites_fini(&w0);
     sites_fini(&w1);
+    site_addrs_free(t);
+}
+
+/* Four workers, a cap of 8 (a floor of 2 each), all 8 held by worker 0:
+ * each wanting worker gets one connection's slot, whatever number of
+ * worker 0's connections finish a transaction before the first has gone.
+ * Before the yielding count, each of them yielded while anyone was owed:
+ * six connections ended for two wanted, and worker 0 took the four
+ * slots nobody wanted back at once. */
+static void
+one_slot_yielded_per_want(void **state)
+{
+    (void)state;
+    struct site_addrs *t = site_addrs_new(4);
+    assert_non_null(t);
+    struct sites w[4];
+    for (unsigned i = 0; i < 4; i++)
+        assert_int_equal(sites_init(&w[i], t, i), 0);
+    union dns_addr a;
+    memset(&a, 0, sizeof(a));
+    a.sin.sin_family = AF_INET;
+    a.sin.sin_port = htons(25);
+    inet_pton(AF_INET, "192.0.2.9", &a.sin.sin_addr);
+    struct site_addr *x[8];
+    bool told[8] = {false};
+    for (unsigned i = 0; i < 8; i++)
+        assert_non_null(x[i] = take(&w[0], 0, &a, 8, 0));
+    assert_null(take(&w[1], 0, &a, 8, 10));
+    site_addr_want(&w[1], 0, &a, 1000, NULL);
+    unsigned yielded = 0;
+    for (unsigned i = 0; i < 8; i++)
+        if ((told[i] = site_addr_yield(&w[0], x[i], 8, 20)))
+            yielded++;
+    assert_int_equal(yielded, 1);
+    /* a second worker wants one: one more */
+    assert_null(take(&w[2], 0, &a, 8, 30));
+    site_addr_want(&w[2], 0, &a, 1000, NULL);
+    for (unsigned i = 0; i < 8; i++)
+        if (!told[i] && (told[i] = site_addr_yield(&w[0], x[i], 8, 40)))
+            yielded++;
+    assert_int_equal(yielded, 2);
+    /* the yielded go; each wanting worker takes its slot, and nobody else
+     * is told to go */
+    struct site_addr *got[2];
+    for (unsigned i = 0, k = 0; i < 8; i++)
+        if (told[i]) {
+            site_addr_give(&w[0], x[i], true);
+            x[i] = NULL;
+            assert_non_null(got[k] = take(&w[1 + k], 0, &a, 8, 50));
+            k++;
+        }
+    for (unsigned i = 0; i < 8; i++)
+        assert_false(x[i] != NULL && site_addr_yield(&w[0], x[i], 8, 60));
+    assert_int_equal(site_addr_conns(&w[0], 0, &a), 8);
+    /* worker 0 at its floor yields to nobody: worker 3 below its own waits
+     * for free slots (6 of worker 0's go first) */
+    for (unsigned i = 0, n = 0; i < 8 && n < 4; i++)
+        if (x[i] != NULL) {
+            site_addr_give(&w[0], x[i], false);
+            x[i] = NULL;
+            n++;
+        }
+    struct site_addr *z[4];
+    for (unsigned i = 0; i < 4; i++)
+        assert_non_null(z[i] = take(&w[3], 0, &a, 8, 70));
+    /* worker 3 past its floor (4 of 8), worker 2 below its own (1) wants
+     * a second: one of worker 3's */
+    assert_null(take(&w[2], 0, &a, 8, 80));
+    site_addr_want(&w[2], 0, &a, 1000, NULL);
+    bool z_told[4];
+    unsigned nz = 0;
+    for (unsigned i = 0; i < 4; i++)
+        nz += (z_told[i] = site_addr_yield(&w[3], z[i], 8, 90));
+    assert_int_equal(nz, 1);
+    for (unsigned i = 0; i < 8; i++)
+        if (x[i] != NULL)
+            site_addr_give(&w[0], x[i], false);
+    for (unsigned i = 0; i < 4; i++)
+        site_addr_give(&w[3], z[i], z_told[i]);
+    site_addr_give(&w[1], got[0], false);
+    site_addr_give(&w[2], got[1], false);
+    assert_int_equal(site_addrs_count(t), 0);
+    for (unsigned i = 0; i < 4; i++)
+        sites_fini(&w[i]);
     site_addrs_free(t);
 }
 
@@ -572,7 +674,7 @@ race_run(void *arg)
         while (n > m && !atomic_compare_exchange_weak(r->most, &m, n))
             ;
         atomic_fetch_sub(r->held, 1);
-        site_addr_give(&r->s, x);
+        site_addr_give(&r->s, x, false);
     }
     return NULL;
 }
@@ -679,6 +781,7 @@ main(void)
         cmocka_unit_test(sites_and_addresses),
         cmocka_unit_test(v4_mapped_counts_as_its_ipv4_address),
         cmocka_unit_test(cap_is_the_nodes_across_workers),
+        cmocka_unit_test(one_slot_yielded_per_want),
         cmocka_unit_test(cap_holds_under_threads),
         cmocka_unit_test(hash_grows_and_shrinks),
     };
