@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -37,7 +38,9 @@ struct node_cap {
     struct hash_node node;
     pthread_mutex_t lock;
     unsigned workers;
-    unsigned conns;                 /* every worker's */
+    _Atomic unsigned conns;         /* every worker's; changed under the lock */
+    _Atomic uint64_t want_until;    /* ns: the latest of the workers' wanted_until,
+                                     * never lowered (read without the lock) */
     char *name;                     /* owned */
     struct node_cap_worker w[];     /* workers of them */
 };
@@ -149,7 +152,10 @@ node_cap_take(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
     w %= x->workers;
     pthread_mutex_lock(&x->lock);
     if (cap != 0 && full(x, w, cap, now_ns)) {
-        x->w[w].wanted_until = now_ns + 2 * (uint64_t)NODE_CAP_POLL_MS * 1000000u;
+        uint64_t until = now_ns + 2 * (uint64_t)NODE_CAP_POLL_MS * 1000000u;
+        x->w[w].wanted_until = until;
+        if (until > atomic_load_explicit(&x->want_until, memory_order_relaxed))
+            atomic_store_explicit(&x->want_until, until, memory_order_relaxed);
         pthread_mutex_unlock(&x->lock);
         return -EBUSY;
     }
@@ -186,6 +192,14 @@ unsigned
 node_cap_allow(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
 {
     w %= x->workers;
+    /* Asked once per transaction of each connection under the key: with
+     * nobody wanting a slot and the node within the cap (the common
+     * case), the answer is the cap, read without the lock. A want made
+     * meanwhile on another thread is seen at the next transaction. */
+    if (cap == 0 ||
+        (atomic_load_explicit(&x->want_until, memory_order_relaxed) <= now_ns &&
+         atomic_load_explicit(&x->conns, memory_order_relaxed) <= cap))
+        return cap;
     pthread_mutex_lock(&x->lock);
     unsigned mine = x->w[w].conns, others = x->conns - mine, allow = cap;
     if (cap != 0 && x->conns > cap) {

@@ -14,9 +14,7 @@
  * fewer than its floor, the slots left are kept for it, and a worker
  * past its floor gives one back after a transaction while the slots
  * left do not cover what is owed (node_cap_allow). The rule is
- * site_addrs.c's for max_connections_per_address, but for that last
- * condition (there a worker past its floor gives slots back down to
- * it).
+ * site_addrs.c's for max_connections_per_address.
  *
  * A rate stays split between the workers (each a GCRA state at its part,
  * the parts adding up to the rate), but the parts are kept here: a worker
@@ -35,10 +33,12 @@
  * a worker each.
  *
  * Threading: any worker's thread; the table's lock to find an entry,
- * the entry's for its counts and rate parts (taken per connection, once
- * per transaction of a connection holding the key: node_cap_allow, from
- * sched_conn_next's limits_key_over; and per message token request of a
- * rated key: node_cap_rate_take; not per recipient).
+ * the entry's for its counts and rate parts (taken per connection; per
+ * transaction of a connection holding the key, node_cap_allow from
+ * sched_conn_next's limits_key_over, only while a worker's want is live
+ * or the node holds more than the cap: else the node's count and latest
+ * want are read without it; and per message token request of a rated
+ * key: node_cap_rate_take; not per recipient).
  */
 #ifndef SLUICE_ENGINE_NODE_CAPS_H
 #define SLUICE_ENGINE_NODE_CAPS_H
