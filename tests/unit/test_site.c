@@ -364,6 +364,18 @@ keys_with_an_alias(void **state)
 }
 
 /* site_addr_take's slot, NULL when refused (errno: why). */
+/* ip (IPv4), port 25. */
+static union dns_addr
+mx_addr(const char *ip)
+{
+    union dns_addr a;
+    memset(&a, 0, sizeof(a));
+    a.sin.sin_family = AF_INET;
+    a.sin.sin_port = htons(25);
+    inet_pton(AF_INET, ip, &a.sin.sin_addr);
+    return a;
+}
+
 static struct site_addr *
 take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap, uint64_t now)
 {
@@ -491,11 +503,7 @@ cap_is_the_nodes_across_workers(void **state)
     assert_int_equal(sites_init(&w1, t, 1), 0);
     struct site *s0 = site_get(&w0, "mx.test:25", 1, 20);
     struct site *s1 = site_get(&w1, "mx.test:25", 1, 20);
-    union dns_addr a;
-    memset(&a, 0, sizeof(a));
-    a.sin.sin_family = AF_INET;
-    a.sin.sin_port = htons(25);
-    inet_pton(AF_INET, "192.0.2.1", &a.sin.sin_addr);
+    union dns_addr a = mx_addr("192.0.2.1");
     struct site_addr *x[4];
     for (unsigned i = 0; i < 4; i++)
         assert_non_null(x[i] = take(&w0, 0, &a, 4, 0)); /* all four on one worker */
@@ -579,11 +587,7 @@ one_slot_yielded_per_want(void **state)
     struct sites w[4];
     for (unsigned i = 0; i < 4; i++)
         assert_int_equal(sites_init(&w[i], t, i), 0);
-    union dns_addr a;
-    memset(&a, 0, sizeof(a));
-    a.sin.sin_family = AF_INET;
-    a.sin.sin_port = htons(25);
-    inet_pton(AF_INET, "192.0.2.9", &a.sin.sin_addr);
+    union dns_addr a = mx_addr("192.0.2.9");
     struct site_addr *x[8];
     bool told[8] = {false};
     for (unsigned i = 0; i < 8; i++)
@@ -685,11 +689,7 @@ cap_holds_under_threads(void **state)
     (void)state;
     struct site_addrs *t = site_addrs_new(RACE_THREADS);
     assert_non_null(t);
-    union dns_addr a;
-    memset(&a, 0, sizeof(a));
-    a.sin.sin_family = AF_INET;
-    a.sin.sin_port = htons(25);
-    inet_pton(AF_INET, "192.0.2.1", &a.sin.sin_addr);
+    union dns_addr a = mx_addr("192.0.2.1");
     atomic_int held = 0, most = 0;
     struct race r[RACE_THREADS];
     pthread_t th[RACE_THREADS];
