@@ -608,6 +608,7 @@ cmd_warmup(struct engine *e, const char *args, struct json *out, char *err, size
         else
             json_u64(out, r->allowance);
         json_ku64(out, "taken", r->taken);
+        json_ku64(out, "reserved", r->reserved);
         json_key(out, "left");
         if (r->left == UINT64_MAX)
             json_null(out);

@@ -909,6 +909,7 @@ warmup_report(struct warmup *w, uint64_t now_ms, struct warmup_row *out, size_t 
             r->day = day - s->start_day + 1;
             r->allowance = warmup_conf_allowance(s->plan, g, r->day);
             r->taken = c->mine + c->others;
+            r->reserved = c->seen;
             int64_t next = (int64_t)warmup_conf_day_start_ms(s->plan, day + 1) - w->shift_ms;
             r->next_day_ms = next < 0 ? 0 : (uint64_t)next;
         }

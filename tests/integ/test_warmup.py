@@ -320,9 +320,13 @@ def test_a_redis_that_lost_the_day_does_not_grant_it_again():
                 break
             time.sleep(0.2)
         assert got_a >= 60, got_a
-        # B has seen A's use (a pass of its keeper, each second)
+        # B has seen A's use and reservations (a pass of its keeper, each
+        # second): A no longer takes, so its reservations stand
         wait_until(lambda: b.row("other")["taken"] >= got_a, 10, "node b to see a's use")
-        time.sleep(1.5)  # and A's reservations
+        reserved = a.row("other")["reserved"]
+        assert reserved >= got_a, (reserved, got_a)
+        wait_until(lambda: b.row("other")["reserved"] >= reserved, 10,
+                   "node b to see a's reservations")
         p = run(["redis-cli", "-p", str(redis.port), "FLUSHALL"])
         assert p.returncode == 0 and "OK" in p.stdout, (p.stdout, p.stderr)
         got_b = 0
