@@ -388,19 +388,25 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
                     kind == DELIVERY_SCOPE_SOURCE);
     const char *note = NULL;
     if (on && !scope_name_known(e->cfg, kind, name, err, errlen)) {
-        /* A source is an address of one node: a suspension that reaches
-         * every node through Redis may be for another node's, which no
-         * pool here has. Taken, and the answer says so. */
+        /* A source is an address of one node, and a tenant may be in
+         * another node's config alone (a node added with a new tenant): a
+         * suspension that reaches every node through Redis may be for
+         * another node's, which this config does not name. Taken, and the
+         * answer says so. A pool's suspension is this node's alone (no
+         * shaping action has a pool scope): an unknown pool stays refused. */
         bool others = false;
-        if (cluster && kind == DELIVERY_SCOPE_SOURCE) {
+        if (cluster && (kind == DELIVERY_SCOPE_SOURCE || kind == DELIVERY_SCOPE_TENANT)) {
             struct shaping_stats st;
             shaping_stats(e->shaping, &st);
             others = st.redis_on;
         }
         if (!others)
             return -1;
-        note = "no pool of this node has this source: it holds back the nodes' whose pools have "
-               "it as written";
+        note = kind == DELIVERY_SCOPE_SOURCE
+                   ? "no pool of this node has this source: it holds back the nodes' whose pools "
+                     "have it as written"
+                   : "this node's config has no such tenant: it holds back the nodes' whose "
+                     "configs have it";
         err[0] = '\0';
     }
     if (cluster)

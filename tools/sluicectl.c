@@ -85,8 +85,8 @@ static const struct cmd cmds[] = {
      "shaping list). A pool or campaign, and anything with --local, is suspended\n"
      "on this node only, in memory: a restart forgets it. A tenant or pool\n"
      "the config has no section for, or a source no pool has, is refused,\n"
-     "with the names it has (a source suspended on every node through Redis\n"
-     "may be another node's: taken, with a note).",
+     "with the names it has (a source or tenant suspended on every node\n"
+     "through Redis may be another node's: taken, with a note).",
      1, 5, run_scoped},
     {"resume", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--local]",
      "resume deliveries of a scope (on every node, or --local as suspend)", NULL, 1, 3,
