@@ -12,7 +12,8 @@
  * of base64 looks like an address enough to be listed, and first_error
  * echoes one that is not) and create files where only sluice may write.
  * A path is opened by sluice only for root and sluice's own user, who
- * could open it themselves.
+ * could open it themselves. A path with a blank comes quoted, as a
+ * quoted local part does ("/tmp/list 2024.csv", \" and \\ inside).
  *
  * Threading: the stats thread.
  */
@@ -335,6 +336,19 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
         memcpy(word, rest, n);
         word[n] = '\0';
         rest += n;
+        /* A file's path quoted (sluicectl quotes one with a blank, a
+         * quote or a backslash, as a local part is: "/tmp/list 2024.csv")
+         * names it unquoted. An absolute path never begins with a quote. */
+        if (file && word[0] == '"') {
+            size_t o = 0, i = 1;
+            for (; word[i] != '\0' && word[i] != '"'; i++)
+                word[o++] = word[i] == '\\' && word[i + 1] != '\0' ? word[++i] : word[i];
+            if (word[i] != '"' || word[i + 1] != '\0' || o == 0) {
+                snprintf(err, errlen, "suppress %s: a quoted PATH must end with its quote", sub);
+                return -1;
+            }
+            word[o] = '\0';
+        }
     }
     struct sup_opts o;
     if (sup_opts_parse(rest, &o, err, errlen) != 0)

@@ -2,7 +2,8 @@
  * sluicectl_suppress: "suppress add|remove|check|list|import|export|purge":
  * options become the socket's key=value words; import and export open
  * their file here with the caller's rights (an export's made with
- * O_EXCL, never over a file) and pass it to sluice with the line.
+ * O_EXCL, never over a file) and pass it to sluice with the line, its
+ * path quoted when it has a blank (the path only names the file there).
  *
  * Threading: one thread.
  */
@@ -48,6 +49,32 @@ line_add(char *line, size_t cap, int *n, const char *fmt, ...)
     if (w < 0 || (size_t)w >= cap - (size_t)*n)
         die(EXIT_USAGE, "suppress: the command is longer than %zu octets", cap - 1);
     *n += w;
+}
+
+/* Append an import's or export's absolute path, which only names the
+ * file passed with the line (sluice's log and answer): blanks, quotes and
+ * backslashes quoted as a local part's are (sluice unquotes it), since
+ * the line's words are separated by blanks and a file named "list
+ * 2024.csv" was refused. A line cannot carry a control character. */
+static void
+add_path(char *line, size_t cap, int *n, const char *sub, const char *arg, const char *path)
+{
+    char q[2 * PATH_MAX + 3];
+    size_t o = 0;
+    bool quote = false;
+    for (const unsigned char *p = (const unsigned char *)path; *p != '\0'; p++) {
+        if (*p < ' ' || *p == 0x7f)
+            die(EXIT_USAGE,
+                "suppress %s: %s: a file name with a control character cannot be named to "
+                "sluice, please rename it",
+                sub, arg);
+        quote = quote || *p == ' ' || *p == '"' || *p == '\\';
+        if (*p == '"' || *p == '\\')
+            q[o++] = '\\';
+        q[o++] = (char)*p;
+    }
+    q[o] = '\0';
+    line_add(line, cap, n, quote ? " \"%s\"" : " %s", q);
 }
 
 /* "suppress SUB ...": options become the socket's key=value words. */
@@ -112,22 +139,26 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         } else if (w[0] == '\0' || strlen(w) > 255) {
             die(EXIT_USAGE, "suppress: ADDRESS must be 1 to 255 octets");
         }
-        /* blanks only in a quoted local part ("a b"@x.test), as RCPT
-         * takes them */
-        const char *qend = NULL;
-        for (const char *p = w + 1; w[0] == '"' && *p != '\0' && qend == NULL; p++) {
-            if (*p == '\\' && p[1] != '\0')
-                p++;
-            else if (*p == '"')
-                qend = p;
+        if (w == path) {
+            add_path(line, sizeof(line), &n, sub, argv[1], path);
+        } else {
+            /* blanks only in a quoted local part ("a b"@x.test), as RCPT
+             * takes them */
+            const char *qend = NULL;
+            for (const char *p = w + 1; w[0] == '"' && *p != '\0' && qend == NULL; p++) {
+                if (*p == '\\' && p[1] != '\0')
+                    p++;
+                else if (*p == '"')
+                    qend = p;
+            }
+            for (const unsigned char *p = (const unsigned char *)w; *p != '\0'; p++)
+                if ((*p <= ' ' || *p == 0x7f) && !(*p == ' ' && (const char *)p < qend))
+                    die(EXIT_USAGE,
+                        "suppress %s: no spaces (but in a quoted local part: "
+                        "\"a b\"@example.com) or control characters, please",
+                        sub);
+            line_add(line, sizeof(line), &n, " %s", w);
         }
-        for (const unsigned char *p = (const unsigned char *)w; *p != '\0'; p++)
-            if ((*p <= ' ' || *p == 0x7f) && !(*p == ' ' && (const char *)p < qend))
-                die(EXIT_USAGE,
-                    "suppress %s: no spaces (but in a quoted local part: "
-                    "\"a b\"@example.com) or control characters, please",
-                    sub);
-        line_add(line, sizeof(line), &n, " %s", w);
         i = 2;
     }
     const char *note = NULL;

@@ -642,6 +642,40 @@ def test_file_errors_of_a_long_path_keep_their_reason():
         r.close()
 
 
+def test_import_export_of_a_file_name_with_blanks():
+    """sluicectl suppress import and export of a file whose name has a
+    blank (and a quote, a backslash): the path went on the command line
+    as a word, and sluicectl refused it ("no spaces ... please"), though
+    the file itself is passed and the path only names it. It now goes
+    quoted; sluice's answer and log name it as it is. A control
+    character still cannot be named (a clear refusal, no file made)."""
+    r = Relay(records_for(["bulk.test"]), with_sink=False, domain_conf=conf())
+    try:
+        src = os.path.join(r.wd.path, 'my "list" 2024\\.csv')
+        with open(src, "w") as f:
+            f.write("address,scope,reason,added,expires,note\nblank@name.test,,,,,\n")
+        got = ctl_ok(r, "suppress", "import", src)
+        assert got["imported"] == 1, got
+        assert suppressed(r, "blank@name.test")
+        out = os.path.join(r.wd.path, "the export 2024.csv")
+        got = ctl_ok(r, "suppress", "export", out)
+        assert got["path"] == out, got
+        with open(out) as f:
+            assert "blank@name.test" in f.read()
+        assert r.d.count_log("event=suppress_export ") == 1
+        # sluice itself opens a quoted path root names, unquoted
+        quoted = '"' + src.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        got = stats_ask(r.dlog + SOCK_SUFFIX, f"suppress import {quoted}", timeout=20)
+        assert got["ok"] is True and got["imported"] == 1, got
+        bad = os.path.join(r.wd.path, "tab\there.csv")
+        p = ctl(r, "suppress", "export", bad)
+        assert p.returncode == 2 and "control character" in p.stderr, p
+        assert not os.path.exists(bad)
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 NOBODY = 65534  # a user that is neither root nor sluice's (the tests run as root)
 
 # A raw client of the stats socket, run as NOBODY: one request line,
@@ -1399,4 +1433,5 @@ if __name__ == "__main__":
           test_import_of_what_never_ends_is_refused,
           test_file_errors_of_a_long_path_keep_their_reason,
           test_import_export_with_the_callers_rights,
-          test_export_file_removed_when_no_answer_comes])
+          test_export_file_removed_when_no_answer_comes,
+          test_import_export_of_a_file_name_with_blanks])
