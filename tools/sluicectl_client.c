@@ -2,7 +2,9 @@
  * sluicectl_client: sluicectl's side of the stats socket: connecting
  * (saying why it cannot), sending one command line and reading its one
  * JSON answer line within the timeout, with the descriptor of a suppress
- * import or export passed along (SCM_RIGHTS); ctl_ask's refusal; die()
+ * import or export passed along (SCM_RIGHTS); ctl_ask's refusal (an
+ * export's "File exists" from a sluice older than the passing said as
+ * such); die()
  * and the signals, the export's file made here and removed by every exit
  * before sluice answered it ok.
  *
@@ -318,6 +320,23 @@ ctl_ask(struct ctl *c, const char *line, const char **raw)
         printf("%s\n", text);
     fprintf(stderr, "sluicectl: %s\n",
             cJSON_IsString(e) ? e->valuestring : "sluice refused the command (no reason given)");
+    /* An export's file made here and refused as "File exists" in the
+     * old form ("suppress: PATH: ..."): a sluice older than this
+     * sluicectl, which takes no descriptor and makes the file itself,
+     * found the one made for it. Said, since "File exists" of a file
+     * sluicectl itself made (and now removes) tells the user nothing. */
+    if (made.path[0] != '\0' && cJSON_IsString(e)) {
+        const char *m = e->valuestring, *x = strerror(EEXIST);
+        size_t ml = strlen(m), xl = strlen(x);
+        if (strncmp(m, "suppress: /", 11) == 0 && ml > 11 + 2 + xl &&
+            strncmp(m + ml - xl - 2, ": ", 2) == 0 &&
+            strcmp(m + ml - xl, x) == 0)
+            fprintf(stderr,
+                    "sluicectl: this sluice is older than sluicectl: it takes no file passed "
+                    "and makes an export's file itself, with its own rights, so it found the "
+                    "one sluicectl made (removed now; restart sluice on this version, or use "
+                    "the sluicectl of sluice's version)\n");
+    }
     /* Arguments sluicectl passes on as typed (shaping, tlsrpt): sluice's
      * "usage: ..." is a usage error, as one found here is. */
     bool usage = cJSON_IsString(e) && strncmp(e->valuestring, "usage: ", 7) == 0;

@@ -2114,6 +2114,32 @@ class FakeStats:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def test_export_to_an_older_sluice_says_why():
+    """sluicectl makes an export's file and passes it; a sluice older than
+    that (d50a435) takes no file passed, makes the path itself (O_EXCL)
+    and refused with "suppress: PATH: File exists", the file sluicectl
+    had just made, which sluicectl then removed: nothing said why. A fake
+    socket answers as that sluice did; sluicectl now says the sluice is
+    older, exits 1 and leaves no file."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="sluice-oldexport-")
+    out = os.path.join(os.path.realpath(d), "out.csv")
+    f = FakeStats({"ok": False, "error": f"suppress: {out}: {os.strerror(17)}"})
+    try:
+        p = ctl(f.path, "suppress", "export", out)
+        assert p.returncode == 1, (p.returncode, p.stderr)
+        assert "this sluice is older than sluicectl" in p.stderr, p.stderr
+        assert not os.path.exists(out)
+        # any other refusal is said alone
+        f.doc = {"ok": False, "error": "suppress: the suppression list is off"}
+        p = ctl(f.path, "suppress", "export", out)
+        assert p.returncode == 1 and "older" not in p.stderr, p.stderr
+    finally:
+        f.close()
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_stats_text_says_the_rates_window_and_delivery_off():
     """The "1m" column names its real window when the samples span more
     than a minute (a stats thread held up: it said "last 1m" over 75 s),
@@ -2149,6 +2175,7 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
           test_stats_text_says_the_rates_window_and_delivery_off,
+          test_export_to_an_older_sluice_says_why,
           test_flush_waits_for_a_slow_answer, test_active_limit_keeps_due_mail_in_the_spool,
           test_active_limit_leaves_out_a_suspended_campaigns_mail,
           test_due_paused_only_when_something_is_due,
