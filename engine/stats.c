@@ -500,8 +500,13 @@ line_answer(struct stats_server *s, struct client *c, char *line, size_t len, in
             return false;
         }
         size_t n = gather_domains(s, want);
+        /* with delivery off no destination is made, and the list is
+         * empty while mail waits: the answer says why (as stats does) */
+        struct stats_counters k;
+        gather_counters(s, &k);
         json_obj_begin(out);
         json_kbool(out, "ok", true);
+        json_kbool(out, "delivery_enabled", k.delivery_on != 0);
         stats_render_domains(out, s->doms, n, clock_unix_ms());
         json_obj_end(out);
     } else if (strcmp(cmd->verb, "metrics") == 0) {

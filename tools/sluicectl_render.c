@@ -538,8 +538,13 @@ render_domains(const cJSON *doc, size_t limit)
                   fmt_tenants(d));
     }
     table_print(&t, stdout);
+    /* delivery off makes no destination: the mail waits in the queue,
+     * and "(no destinations)" alone read as an empty queue */
     if (n == 0)
-        printf("(no destinations)\n");
+        printf("(no destinations%s)\n",
+               cJSON_IsFalse(get(doc, "delivery_enabled"))
+                   ? ": delivery is off ([delivery] enabled = no), the mail waits in the queue"
+                   : "");
 }
 
 /* A generic answer (message, suspend, flush, ...): scalars as key/value

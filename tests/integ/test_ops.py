@@ -610,6 +610,7 @@ def test_stats_says_when_delivery_is_off():
             conf = wd.file(f"{enabled}.conf", f"""[server]
 workers = 1
 listen = 127.0.0.1:{free_port()}
+trusted_networks = 127.0.0.0/8
 [queue]
 path = {wd.path}/spool-{enabled}
 map_size = 64M
@@ -627,6 +628,27 @@ socket = {sock}
             assert ("delivery OFF ([delivery] enabled = no)" in head) == (enabled == "no"), head
             doc = json.loads(ctl(sock, "stats", json_out=True).stdout)
             assert doc["delivery_enabled"] is (enabled == "yes"), doc.get("delivery_enabled")
+            # domains: with delivery off no destination is made, and mail
+            # queued showed as "(no destinations)" alone, as if none were
+            if enabled == "no":
+                port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", open(conf).read())[1])
+                s = Smtp(port)
+                for line, code in (("EHLO t\r\n", 250), ("MAIL FROM:<a@b.test>\r\n", 250),
+                                   ("RCPT TO:<x@queued.test>\r\n", 250), ("DATA\r\n", 354),
+                                   ("Subject: q\r\n\r\nq\r\n.\r\n", 250)):
+                    s.send(line)
+                    got = s.reply()
+                    assert got.code == code, (line, got.text)
+                s.sock.close()
+                assert ctl_json(sock, "stats")["counters"]["received_msgs"] == 1
+            p = ctl(sock, "domains")
+            assert p.returncode == 0, p.stderr
+            said = "(no destinations: delivery is off ([delivery] enabled = no), " \
+                   "the mail waits in the queue)"
+            assert (said in p.stdout) == (enabled == "no"), p.stdout
+            assert "(no destinations" in p.stdout, p.stdout
+            doc = json.loads(ctl(sock, "domains", json_out=True).stdout)
+            assert doc["delivery_enabled"] is (enabled == "yes") and doc["domains"] == [], doc
             assert d.stop_clean() == 0
             d = None
     finally:
