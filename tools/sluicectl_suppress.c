@@ -93,9 +93,13 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
             sub);
     int i = 1;
     if (word) {
-        if (argc < 2 || argv[1][0] == '-')
-            die(EXIT_USAGE, "suppress %s: missing %s", sub,
-                sub[0] == 'i' || sub[0] == 'e' ? "FILE" : "ADDRESS");
+        bool file = sub[0] == 'i' || sub[0] == 'e';
+        /* an empty FILE ("$LIST" unset) is none: export said "FILE is a
+         * directory", import "cannot open : No such file or directory" */
+        bool empty = file && argc >= 2 && argv[1][0] == '\0';
+        if (argc < 2 || argv[1][0] == '-' || empty)
+            die(EXIT_USAGE, "suppress %s: missing %s%s", sub, file ? "FILE" : "ADDRESS",
+                empty ? " (an empty name)" : "");
         char path[PATH_MAX + 1];
         const char *w = argv[1];
         if (strcmp(sub, "import") == 0) {

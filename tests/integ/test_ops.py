@@ -351,6 +351,20 @@ def test_sluicectl_suppress_too_long_says_so():
         wd.cleanup()
 
 
+def test_sluicectl_suppress_empty_file_name_says_so():
+    """suppress import or export of an empty FILE (a variable unset: "$LIST")
+    is a usage error, said as a missing FILE, exit 2, before sluice is
+    asked: export said "FILE is a directory", import "cannot open : No
+    such file or directory" (exit 1)."""
+    wd = Workdir("sluice-ctl-")
+    try:
+        for sub in ("import", "export"):
+            err = one_line_error(ctl(os.path.join(wd.path, "gone.sock"), "suppress", sub, ""), 2)
+            assert err == f"sluicectl: suppress {sub}: missing FILE (an empty name)", err
+    finally:
+        wd.cleanup()
+
+
 def test_spool_tool_refuses_a_directory_without_a_spool():
     """sluice-spool on a mistyped path, or a directory that holds no spool,
     exits 1 with one line, and creates nothing there (queue_open would
@@ -2206,6 +2220,7 @@ if __name__ == "__main__":
           test_stop_ends_a_bounce_waiting_for_its_commits,
           test_commands_queued_leave_room_for_stats, test_sluicectl_shows_a_refusal,
           test_sluicectl_suppress_too_long_says_so, test_durations_round_to_nearest,
+          test_sluicectl_suppress_empty_file_name_says_so,
           test_spool_tool_refuses_a_directory_without_a_spool,
           test_spool_tool_on_a_running_sluice_says_what_to_do,
           test_top_gives_the_terminal_back_when_sluice_goes, test_output_to_a_reader_that_left,
