@@ -24,6 +24,13 @@
  * (node_cap_rate_take); a connection's token goes back to the part it
  * came from when its lease is refused or undone.
  *
+ * Message tokens a transaction took and did not use (another of its keys
+ * refused) are given back (limits_give_msgs) from the caller's record of
+ * the grant (struct limit_grant; the key, embedded in every destination,
+ * holds none): the local GCRA's tat back by their intervals, never before
+ * it was; a node part's state as before, while no other worker took of it
+ * since; Redis's booked tokens back to held at their slots.
+ *
  * Threading: the owning worker's thread only (node_caps: its own locks).
  */
 #include "engine/limits.h"
@@ -363,7 +370,17 @@ unsigned
 limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now_ns,
                  uint64_t *retry_at_ns)
 {
+    struct limit_grant g;
+    return limits_take_msgs_undo(l, k, n, now_ns, retry_at_ns, &g);
+}
+
+unsigned
+limits_take_msgs_undo(struct limits *l, struct limit_key *k, unsigned n, uint64_t now_ns,
+                      uint64_t *retry_at_ns, struct limit_grant *grant)
+{
     *retry_at_ns = now_ns;
+    grant->how = LIMIT_MSG_UNDO_NONE;
+    grant->n = 0;
     if (n == 0)
         return 0;
     if (k->suspended) {
@@ -375,6 +392,8 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
     if (T1 == 0) {
         l->st.local_decisions++;
         l->st.msgs_granted += n;
+        grant->how = LIMIT_MSG_UNDO_FREE;
+        grant->n = n;
         return n;
     }
     if (l->shared && now_ns >= k->local_until) {
@@ -391,6 +410,8 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
         if (g > 0) {
             l->st.batch_decisions++;
             l->st.msgs_granted += g;
+            grant->how = LIMIT_MSG_UNDO_HELD;
+            grant->n = g;
             return g;
         }
         if (k->held > 0 || asking || now_ns < k->msg_retry_at) {
@@ -413,14 +434,55 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
     unsigned share = local_share(l, k);
     uint64_t T = sat_mul(T1, share);
     uint64_t tau = sat_mul(T, share == 1 ? k->conf.msg_burst : local_part(l, k, k->conf.msg_burst));
-    unsigned g = node_rated(l, k)
-                     ? node_cap_rate_take(k->node, NODE_RATE_MSG, worker_id(l), T,
-                                          k->conf.msg_burst, part_idle_ns(T), now_ns, n,
-                                          retry_at_ns, NULL)
-                     : limits_gcra(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
+    uint64_t tat = k->msg_tat;
+    bool node = node_rated(l, k);
+    unsigned g =
+        node ? node_cap_rate_take(k->node, NODE_RATE_MSG, worker_id(l), T, k->conf.msg_burst,
+                                  part_idle_ns(T), now_ns, n, retry_at_ns, &grant->part)
+             : limits_gcra(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
     l->st.local_decisions++;
     l->st.msgs_granted += g;
+    if (g > 0) {
+        grant->how = node ? LIMIT_MSG_UNDO_NODE : LIMIT_MSG_UNDO_TAT;
+        grant->n = node ? grant->part.n : g;
+        grant->tat = tat;
+        grant->T = T;
+    }
     return g;
+}
+
+unsigned
+limits_give_msgs(struct limits *l, struct limit_key *k, struct limit_grant *g, unsigned n)
+{
+    if (n > g->n)
+        n = g->n;
+    if (n == 0 || g->how == LIMIT_MSG_UNDO_NONE)
+        return 0;
+    switch (g->how) {
+    case LIMIT_MSG_UNDO_TAT: {
+        /* Back n intervals, never before where the take found it: a
+         * schedule the take started again from now (the key was idle)
+         * goes back to now, which lets the same through as the old. */
+        uint64_t back = sat_mul(n, g->T);
+        k->msg_tat = k->msg_tat - g->tat > back ? k->msg_tat - back : g->tat;
+        break;
+    }
+    case LIMIT_MSG_UNDO_NODE:
+        n = k->node != NULL ? node_cap_rate_give(k->node, NODE_RATE_MSG, &g->part, n, g->T) : 0;
+        break;
+    case LIMIT_MSG_UNDO_HELD:
+        /* Before the tokens still held, at the slots they had: handed out
+         * again no earlier, and lapsing as they would have. */
+        k->held += n;
+        k->held_slot -= (uint64_t)n * k->held_T;
+        break;
+    default: /* LIMIT_MSG_UNDO_FREE: no rate, nothing taken */
+        break;
+    }
+    g->how = LIMIT_MSG_UNDO_NONE; /* once: the rest of the grant stays spent */
+    g->n = 0;
+    l->st.msgs_granted -= n;
+    return n;
 }
 
 static bool
@@ -567,19 +629,19 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
             sat_mul(T, share == 1 ? k->conf.conn_burst : local_part(l, k, k->conf.conn_burst));
         if (node_rated(l, k)) {
             /* a token of this worker's part, or of an idle one's */
-            unsigned from = worker_id(l);
+            struct node_rate_undo u = {.from = worker_id(l)};
             if (node_cap_rate_take(k->node, NODE_RATE_CONN, worker_id(l), T, k->conf.conn_burst,
-                                   part_idle_ns(T), now_ns, 1, retry_at_ns, &from) == 0) {
+                                   part_idle_ns(T), now_ns, 1, retry_at_ns, &u) == 0) {
                 l->st.conns_refused++;
                 return false;
             }
             if (!local_lease(l, k, now_ns, retry_at_ns)) {
-                node_cap_rate_back(k->node, NODE_RATE_CONN, from, T);
+                node_cap_rate_back(k->node, NODE_RATE_CONN, u.from, T);
                 l->st.conns_refused++;
                 return false;
             }
             k->undo_tat = T;
-            k->undo_from = (uint8_t)from;
+            k->undo_from = (uint8_t)u.from;
             k->undo = LIMIT_UNDO_NODE;
             return true;
         }

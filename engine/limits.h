@@ -64,6 +64,11 @@
  * shared mode a node in backoff draws on the shared budget at its reduced
  * rate, so each of its tokens costs the cluster more.
  *
+ * Message tokens taken and not used (another key of the transaction
+ * refused) are given back (limits_give_msgs): to the local GCRA, to the
+ * node's part they came from, or to the tokens booked from Redis (not to
+ * Redis), never so that a key goes past its rate.
+ *
  * Time: now_ns is CLOCK_MONOTONIC (clock_mono_ns()); local-only limiters may
  * be driven with simulated time. A *retry_at_ns of UINT64_MAX means "no
  * time: the key's waker will be called" (suspended, or every lease held).
@@ -78,6 +83,7 @@
 #include <stdint.h>
 
 #include "common/conf.h"
+#include "engine/node_caps.h"
 #include "engine/worker.h"
 
 struct limits;
@@ -235,6 +241,41 @@ void limits_key_fini(struct limits *l, struct limit_key *k);
  * when a refill (or a refusal with a time) comes from Redis. */
 unsigned limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now_ns,
                           uint64_t *retry_at_ns);
+/* What limits_take_msgs_undo() granted and how, for limits_give_msgs():
+ * the caller's (a transaction's, on its stack), not the key's, which a
+ * destination embeds. */
+enum limit_msg_undo {
+    LIMIT_MSG_UNDO_NONE, /* nothing to give back (none granted, or given back) */
+    LIMIT_MSG_UNDO_FREE, /* no rate: nothing was taken */
+    LIMIT_MSG_UNDO_TAT,  /* the local GCRA (tat: msg_tat before) */
+    LIMIT_MSG_UNDO_NODE, /* a worker's part of the node's message rate (part) */
+    LIMIT_MSG_UNDO_HELD, /* tokens Redis booked, handed out of held */
+};
+struct limit_grant {
+    uint8_t how;                /* enum limit_msg_undo */
+    unsigned n;                 /* tokens that may go back */
+    uint64_t tat;               /* LIMIT_MSG_UNDO_TAT: the key's msg_tat before the take */
+    uint64_t T;                 /* ...TAT and NODE: the interval they were taken at */
+    struct node_rate_undo part; /* LIMIT_MSG_UNDO_NODE: what the take did to its part */
+};
+/* limits_take_msgs(), and in *g what it granted and how. */
+unsigned limits_take_msgs_undo(struct limits *l, struct limit_key *k, unsigned n, uint64_t now_ns,
+                               uint64_t *retry_at_ns, struct limit_grant *g);
+/* n of the message tokens limits_take_msgs_undo() just granted on k (g,
+ * its grant), given back unused: another key of the same transaction
+ * refused its token. At most g's n (a node-wide rate: those of the part
+ * that gave the last of them). Local: the GCRA's schedule goes back by n
+ * intervals, never before it was before the take. A worker's part of
+ * the node's rate: back to the part they came from, with its state
+ * before the take, unless another worker took of that part since (then
+ * they stay spent: giving them back under that take could let the part
+ * go past its rate). Shared: back to the tokens Redis booked for k
+ * (held), at their slots, for k's next take; nothing goes to Redis. So a
+ * key never gives more than its rate, and a token given back is not
+ * lost. Once (g is cleared), right after that take, before any other
+ * call on k (calls on other keys may come between); the rest of the
+ * grant stays taken. Returns how many went back. */
+unsigned limits_give_msgs(struct limits *l, struct limit_key *k, struct limit_grant *g, unsigned n);
 /* A new connection: a connection-rate token and a lease, both or neither.
  * Every true is matched by one limits_conn_release(). */
 bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,

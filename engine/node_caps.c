@@ -2,7 +2,8 @@
  * node_caps: the node's count of connections under each capped limit key
  * without [redis], every worker's, with their floors; and the workers'
  * parts of the key's rates, each a GCRA state, lent while their worker
- * asks for none (node_caps.h says why and what the rules are).
+ * asks for none, and a message token not used given back to its part
+ * (node_caps.h says why and what the rules are).
  *
  * Threading: any worker's thread. The table's lock guards its hash (an
  * entry is found once per key set-up); each entry's lock its counts and
@@ -254,7 +255,7 @@ node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns)
 unsigned
 node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T, unsigned burst,
                    uint64_t idle_ns, uint64_t now_ns, unsigned n, uint64_t *retry_at_ns,
-                   unsigned *from)
+                   struct node_rate_undo *undo)
 {
     w %= x->workers;
     unsigned r = which == NODE_RATE_CONN ? 1 : 0, got = 0;
@@ -287,11 +288,13 @@ node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_
         if (v == w && p->lent && (p->tat > now_ns || now_ns - p->tat < T) &&
             tau <= UINT64_MAX - T)
             tau += T; /* (a schedule idle since starts again: nothing owed) */
+        uint64_t before = p->tat;
         unsigned g = limits_gcra(&p->tat, T, tau, now_ns, n - got, &at);
         if (g == 0 && at < retry)
             retry = at;
-        if (g > 0 && from != NULL)
-            *from = v;
+        if (g > 0 && undo != NULL)
+            *undo = (struct node_rate_undo){
+                .tat = before, .tat_after = p->tat, .from = v, .n = g, .lent = p->lent};
         if (g > 0)
             p->lent = v != w;
         got += g;
@@ -309,6 +312,29 @@ node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint
     pthread_mutex_lock(&x->lock);
     p->tat = p->tat > T ? p->tat - T : 0;
     pthread_mutex_unlock(&x->lock);
+}
+
+unsigned
+node_cap_rate_give(struct node_cap *x, enum node_rate which, const struct node_rate_undo *u,
+                   unsigned n, uint64_t T)
+{
+    struct node_rate_part *p = &x->w[u->from % x->workers].rate[which == NODE_RATE_CONN ? 1 : 0];
+    if (n > u->n)
+        n = u->n;
+    if (n == 0)
+        return 0;
+    pthread_mutex_lock(&x->lock);
+    if (p->tat != u->tat_after) {
+        n = 0; /* taken of since: see node_caps.h */
+    } else if (n == u->n) {
+        p->tat = u->tat;
+        p->lent = u->lent;
+    } else {
+        uint64_t back = (uint64_t)n * T;
+        p->tat = p->tat - u->tat > back ? p->tat - back : u->tat;
+    }
+    pthread_mutex_unlock(&x->lock);
+    return n;
 }
 
 unsigned

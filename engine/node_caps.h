@@ -28,6 +28,11 @@
  * whose domains ask less often than the part is lent after (their own
  * rates) would else find it drained at each ask while another is busy.
  *
+ * A message token a worker took of a part and did not use goes back to
+ * that part as it was (node_cap_rate_give), unless another worker took
+ * of the part since: that take was decided on the part as the first
+ * left it.
+ *
  * Entries are made on first use and live as long as the table: one per
  * capped or rated section name the configuration has had, some 64 octets
  * a worker each.
@@ -90,18 +95,36 @@ bool node_cap_full(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns
  * workers would hand slots back and forth each time a queue ran empty
  * for a moment.) */
 bool node_cap_claim(struct node_cap *x, unsigned w, unsigned cap, uint64_t now_ns);
+/* What a take changed in the part that gave its last token, for
+ * node_cap_rate_give. */
+struct node_rate_undo {
+    uint64_t tat, tat_after; /* the part's GCRA state before and after */
+    unsigned from;           /* the part (its worker) */
+    unsigned n;              /* tokens of that part */
+    bool lent;               /* its lent mark before */
+};
 /* Tokens of x's message or connection rate for worker w: up to n of its
  * part (a GCRA at interval T, the part's, with w's part of the burst,
  * burst), then of the part of each other worker that asked for none
  * within idle_ns (at that worker's burst as it last asked; none if it
- * never did). How many (0: *retry_at_ns, when the first is due); *from
- * (may be NULL): the part the last came from, for node_cap_rate_back. */
+ * never did). How many (0: *retry_at_ns, when the first is due); *undo
+ * (may be NULL): the part the last came from and what the take changed
+ * there, for node_cap_rate_back and node_cap_rate_give. */
 enum node_rate { NODE_RATE_MSG, NODE_RATE_CONN };
 unsigned node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T,
                             unsigned burst, uint64_t idle_ns, uint64_t now_ns, unsigned n,
-                            uint64_t *retry_at_ns, unsigned *from);
+                            uint64_t *retry_at_ns, struct node_rate_undo *undo);
 /* One token of the part from back (interval T): it was not used. */
 void node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t T);
+/* n (at most u->n) of the tokens of the take u describes back to their
+ * part, interval T: its schedule back by n intervals, never before it was
+ * before the take, and all of them its state before (its lent mark too).
+ * Only while no other take of that part came since (its tat is still
+ * u->tat_after); else none: a take since was decided on the part as the
+ * first left it, and giving back under it could let the part give more
+ * than its rate. Returns how many went back. */
+unsigned node_cap_rate_give(struct node_cap *x, enum node_rate which,
+                            const struct node_rate_undo *u, unsigned n, uint64_t T);
 /* The node's count (every worker's). */
 unsigned node_cap_conns(struct node_cap *x);
 

@@ -11,8 +11,12 @@
  * one of its domain, or else (none, or none its domain's message rate lets
  * go now) one of another domain of its site that waits (MX rollup), the
  * connection moving there with its lease; else it goes
- * idle on its site or says goodbye. A domain with mail left gives the
- * connection to a domain of the site waiting behind it when it holds more
+ * idle on its site or says goodbye. A transaction takes a message token
+ * of its domain's key, then of the connection's [mx], [source] and
+ * shaping keys; when one refuses, those the keys before it gave go back
+ * (limits_give_msgs), so a refusal costs no other key its rate. A
+ * domain with mail left gives the connection to a domain of the site
+ * waiting behind it when it holds more
  * of the site's connections (site_share.c conn_give_turn: at once when
  * two more, after SITE_TURN_MS when one more), so one domain's backlog
  * does not keep the site's connections from the others. A job that an MX
@@ -426,6 +430,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         bool rate_held = false; /* t's own message rate gives no token now */
         if (!gone && sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
+            struct limit_grant gt, gm, gs; /* t's, mk's and sk's tokens, to give back */
             /* Jobs an MX host refused wait (policy_host): the one c may
              * carry is found first, no rate token spent on those passed
              * over; a detour's connection carries only those. */
@@ -461,22 +466,37 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             }
             if (passed) {
                 /* nothing here c may carry: no token taken */
-            } else if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1) {
+            } else if (limits_take_msgs_undo(d->lim, &t->lim, 1, d->w->now, &retry_at, &gt) != 1) {
                 dest_rate_wait(t, retry_at);
                 dest_lim_wait(t, retry_at);
                 rate_held = true;
             } else if (mk != NULL &&
-                       limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1) {
+                       limits_take_msgs_undo(d->lim, &mk->lim, 1, d->w->now, &retry_at, &gm) != 1) {
+                /* The tokens the keys before it gave go back
+                 * (limits_give_msgs): spent for a message that did not
+                 * go, they kept the domain under its own rate whenever
+                 * the [mx] key refused, and starved it while the two
+                 * rates took turns refusing. */
+                limits_give_msgs(d->lim, &t->lim, &gt, 1);
                 dest_rate_wait(t, retry_at);
-                mx_wait(mk, t, retry_at, false); /* the domain's token is spent: a small loss */
+                mx_wait(mk, t, retry_at, false);
             } else if (sk != NULL &&
-                       limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1) {
+                       limits_take_msgs_undo(d->lim, &sk->lim, 1, d->w->now, &retry_at, &gs) != 1) {
+                limits_give_msgs(d->lim, &t->lim, &gt, 1); /* likewise */
+                if (mk != NULL)
+                    limits_give_msgs(d->lim, &mk->lim, &gm, 1);
                 dest_rate_wait(t, retry_at);
-                mx_wait(sk, t, retry_at, false); /* likewise */
+                mx_wait(sk, t, retry_at, false);
             } else if (hk != NULL &&
                        limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1) {
+                /* likewise: its source's shaping rate refused */
+                limits_give_msgs(d->lim, &t->lim, &gt, 1);
+                if (mk != NULL)
+                    limits_give_msgs(d->lim, &mk->lim, &gm, 1);
+                if (sk != NULL)
+                    limits_give_msgs(d->lim, &sk->lim, &gs, 1);
                 dest_rate_wait(t, retry_at);
-                mx_wait(hk, t, retry_at, false); /* likewise: its source's shaping rate */
+                mx_wait(hk, t, retry_at, false);
             } else {
                 j = ahead != NULL ? ahead : dest_pop(t);
                 ahead = NULL;

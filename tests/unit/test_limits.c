@@ -559,6 +559,112 @@ test_rates_node_wide(void **state)
     node_caps_free(t);
 }
 
+/* Message tokens given back (limits_give_msgs: another key of the same
+ * transaction refused) are the key's again, and never more: the burst
+ * and one taken from an idle key with one given back is the burst and
+ * one again, not the burst; a grant of three with one given back leaves
+ * one; a give-back counts once, and gives nothing after a refusal. Over
+ * 2 s of demand, a token given back every third grant, every 1 s window
+ * keeps rate + burst, and the rate is whole (before, each token given
+ * back was lost: 2 s at 10/s lost a third). */
+static void
+test_give_msgs_local(void **state)
+{
+    (void)state;
+    struct limits *l = local_new(NULL);
+    struct limit_key k;
+    struct limit_grant g;
+    struct limit_conf c = conf_msgs(10, 1000, 2); /* 100 ms apart, burst 2 */
+    assert_int_equal(limits_key_init(l, &k, "give.local", &c, NULL, NULL), 0);
+    uint64_t r, now = BASE;
+    assert_int_equal(limits_take_msgs_undo(l, &k, 1, now, &r, &g), 1);
+    assert_int_equal(limits_give_msgs(l, &k, &g, 1), 1);
+    assert_int_equal(limits_take_msgs_undo(l, &k, 10, now, &r, &g), 3);
+    assert_int_equal(limits_take_msgs_undo(l, &k, 1, now, &r, &g), 0);
+    assert_int_equal(limits_give_msgs(l, &k, &g, 1), 0); /* after a refusal: nothing */
+    now += 10 * SEC;
+    assert_int_equal(limits_take_msgs_undo(l, &k, 10, now, &r, &g), 3);
+    assert_int_equal(limits_give_msgs(l, &k, &g, 1), 1);
+    assert_int_equal(limits_give_msgs(l, &k, &g, 1), 0); /* once */
+    assert_int_equal(limits_take_msgs_undo(l, &k, 1, now, &r, &g), 1);
+    assert_int_equal(limits_take_msgs_undo(l, &k, 1, now, &r, &g), 0);
+    assert_int_equal(r, now + 100 * MSEC);
+    /* a steady demand */
+    now += 10 * SEC;
+    enum { MS = 2000 };
+    uint16_t counts[MS];
+    uint64_t total = 0;
+    unsigned grants = 0;
+    for (unsigned i = 0; i < MS; i++) {
+        unsigned got = limits_take_msgs_undo(l, &k, 1, now + i * MSEC, &r, &g);
+        if (got == 1 && ++grants % 3 == 0)
+            got -= limits_give_msgs(l, &k, &g, 1);
+        counts[i] = (uint16_t)got;
+        total += got;
+    }
+    assert_true(max_window(counts, MS, 1000) <= 10 + 2);
+    assert_true(total >= 2 * 10 + 2 - 1);
+    struct limits_stats st;
+    limits_stats(l, &st);
+    assert_int_equal(st.msgs_granted, 3 + 3 - 1 + 1 + total);
+    /* no rate: nothing taken, the count of grants put right */
+    struct limit_key u;
+    struct limit_conf none = {0};
+    assert_int_equal(limits_key_init(l, &u, "give.unlimited", &none, NULL, NULL), 0);
+    assert_int_equal(limits_take_msgs_undo(l, &u, 5, now, &r, &g), 5);
+    assert_int_equal(limits_give_msgs(l, &u, &g, 2), 2);
+    limits_stats(l, &st);
+    assert_int_equal(st.msgs_granted, 3 + 3 - 1 + 1 + total + 3);
+    limits_key_fini(l, &u);
+    limits_key_fini(l, &k);
+    limits_free(l);
+}
+
+/* Without Redis, a message token of a worker's part of the node's rate
+ * given back goes back to that part: the worker has it again at once
+ * (its part had no other; the other worker's part, asked for just now,
+ * lends none). One borrowed of the other's part goes back there, with
+ * the part's lent mark as it was. One whose part another worker took of
+ * since stays spent: the part is not put back under the other's take. */
+static void
+test_give_msgs_node_wide(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct node_caps *t = node_limiters(2, &a, &b);
+    struct limit_conf c = conf_msgs(5, 1000, 0); /* each worker's part: 200 ms apart */
+    c.spread = 2;
+    struct limit_key ka, kb;
+    struct limit_grant ga, gb;
+    assert_int_equal(limits_key_init(a, &ka, "mx:give", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(b, &kb, "mx:give", &c, NULL, NULL), 0);
+    uint64_t r, now = BASE;
+    assert_int_equal(limits_take_msgs_undo(b, &kb, 1, now, &r, &gb), 1); /* its own part's */
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 1);
+    assert_int_equal(limits_give_msgs(a, &ka, &ga, 1), 1);
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 1); /* given back */
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 0);
+    /* 10 s on, the first quiet: the second borrows its part's token and
+     * gives it back; the first, asking, has its own at once */
+    now += 10 * SEC;
+    assert_int_equal(limits_take_msgs_undo(b, &kb, 2, now, &r, &gb), 2);
+    assert_int_equal(limits_give_msgs(b, &kb, &gb, 1), 1);
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 1);
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 0);
+    /* the second borrows again; the first takes of its part (owed the
+     * lent token); the second's give-back then goes nowhere */
+    now += 10 * SEC;
+    assert_int_equal(limits_take_msgs_undo(b, &kb, 2, now, &r, &gb), 2);
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 1);
+    assert_int_equal(limits_give_msgs(b, &kb, &gb, 1), 0);
+    assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 0);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 /* A worker past its floor gives back what the others below theirs are
  * owed, not all it holds past its floor: over four workers a cap of 8
  * (floors of 2), one holding all 8, another wanting: two slots free are
@@ -1663,6 +1769,75 @@ test_shared_lease_without_rate_token(void **state)
     node_stop(&a, true);
 }
 
+/* A message token Redis booked, handed out and given back (another key
+ * of the transaction refused) goes back to the tokens held, at its slot:
+ * held and the next slot as before the take, nothing asked of Redis for
+ * it, and the count of grants put right. */
+struct give_held {
+    unsigned held, held_after;
+    uint64_t slot, slot_after;
+    unsigned got, gave;
+    uint64_t fetched, fetched_after, granted, granted_after;
+};
+
+static bool
+take_give_held(struct node *n, void *arg)
+{
+    struct give_held *g = arg;
+    uint64_t now = clock_mono_ns(), r;
+    if (n->k.held == 0 || now < n->k.held_slot || n->k.msg_req != NULL)
+        return false; /* none due yet (or a batch asked for: wait for it) */
+    struct limits_stats st;
+    limits_stats(n->l, &st);
+    g->held = n->k.held;
+    g->slot = n->k.held_slot;
+    g->fetched = st.tokens_fetched;
+    g->granted = st.msgs_granted;
+    struct limit_grant lg;
+    g->got = limits_take_msgs_undo(n->l, &n->k, 1, now, &r, &lg);
+    g->gave = limits_give_msgs(n->l, &n->k, &lg, 1);
+    limits_stats(n->l, &st);
+    g->held_after = n->k.held;
+    g->slot_after = n->k.held_slot;
+    g->fetched_after = st.tokens_fetched;
+    g->granted_after = st.msgs_granted;
+    return true;
+}
+
+static void
+take_one_token(struct node *n, void *arg)
+{
+    (void)arg;
+    uint64_t r;
+    limits_take_msgs(n->l, &n->k, 1, clock_mono_ns(), &r);
+}
+
+static void
+test_shared_give_msgs_back_to_held(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(1);
+    /* no burst: the booked slots start at Redis's now, none lapses (100
+     * ms after its slot) between the look at held and the take */
+    struct limit_conf c = conf_msgs(100, 1000, 0);
+    static struct node a;
+    node_start(&a, 0, "give.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    node_call(&a, take_one_token, NULL); /* asks Redis for a batch */
+    struct give_held g;
+    memset(&g, 0, sizeof(g));
+    assert_true(node_until(&a, take_give_held, &g, 3000));
+    assert_int_equal(g.got, 1);
+    assert_int_equal(g.gave, 1);
+    assert_int_equal(g.held_after, g.held);
+    assert_int_equal(g.slot_after, g.slot);
+    assert_int_equal(g.fetched_after, g.fetched);
+    assert_int_equal(g.granted_after, g.granted);
+    node_stop(&a, true);
+}
+
 /* In shared mode a lease Redis granted with its token and given back
  * unused (another key of the connection refused) stays ready: the next
  * acquire takes it at once, without a second token of the rate. */
@@ -2546,6 +2721,8 @@ main(void)
         cmocka_unit_test(test_rates_node_wide_lender_not_starved),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
+        cmocka_unit_test(test_give_msgs_local),
+        cmocka_unit_test(test_give_msgs_node_wide),
         cmocka_unit_test(test_backoff_and_recovery),
         cmocka_unit_test(test_backoff_conn_rate),
         cmocka_unit_test(test_suspend),
@@ -2554,6 +2731,7 @@ main(void)
         cmocka_unit_test_teardown(test_shared_leases, redis_teardown),
         cmocka_unit_test_teardown(test_shared_lease_without_rate_token, redis_teardown),
         cmocka_unit_test_teardown(test_shared_unacquire_keeps_the_grant, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_give_msgs_back_to_held, redis_teardown),
         cmocka_unit_test_teardown(test_shared_ready_lease, redis_teardown),
         cmocka_unit_test_teardown(test_shared_full_cap_asks_again_after_a_release, redis_teardown),
         cmocka_unit_test_teardown(test_shared_leases_beyond_a_lowered_cap, redis_teardown),

@@ -4103,6 +4103,50 @@ site_turn_takes_no_connection_rate_token(void **state)
     fx_free(f);
 }
 
+/* A domain with a message rate behind an [mx] section with one: when the
+ * [mx] key refuses a transaction, the token the domain's key gave for it
+ * goes back (limits_give_msgs). Here both are 1/h, the [mx] key's token
+ * spent half an hour before the domain's first transaction: the [mx]
+ * key refuses it. When the [mx] key has its token again, an hour on, the
+ * domain still has the one it had: its transaction goes then. Before,
+ * its token was spent on the refusal and it waited another half hour;
+ * two rates whose refusals took turns like that starved a domain. */
+static void
+mx_refusal_gives_the_domains_token_back(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 1\n"
+                          "[domain a.test]\nmax_message_rate = 1/h\n"
+                          "[mx *.hoster.test]\nmax_message_rate = 1/h\n");
+    submit("a.test", 1);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *a = dest_get(f->d, "a.test");
+    assert_non_null(c->mxk);
+    /* (both keys idle for longer than their interval: a clock starting
+     * under an hour would be read as a token taken at 0) */
+    f->w.now += MS_TO_NS(2 * 60 * 60 * 1000ULL);
+    uint64_t r, start = f->w.now;
+    assert_int_equal(limits_take_msgs(f->d->lim, &c->mxk->lim, 1, f->w.now, &r), 1);
+    f->w.now += MS_TO_NS(30 * 60 * 1000ULL);
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_not_equal(what, SCHED_NEXT_JOB); /* the [mx] key's token is spent */
+    assert_int_equal(dest_queued(a), 2);
+    /* the [mx] key's next token: its timer hands a.test's transaction
+     * to c at once */
+    unsigned before = f->resumed;
+    f->w.now = start + MS_TO_NS(60 * 60 * 1000ULL);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->resumed, before + 1);
+    assert_non_null(c->job);
+    assert_ptr_equal(c->dest, a);
+    assert_int_equal(dest_queued(a), 1);
+    fx_free(f);
+}
+
 /* An [mx] cap that is full refuses a domain's new connection before the
  * domain's own connection-rate token is taken. Before, b.test (one
  * connection an hour) spent its token when it found the cap full, and
@@ -4896,6 +4940,7 @@ main(void)
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
+        cmocka_unit_test(mx_refusal_gives_the_domains_token_back),
         cmocka_unit_test(full_mx_cap_takes_no_connection_rate_token),
         cmocka_unit_test(rate_refused_domain_does_not_take_the_mx_caps_slot),
         cmocka_unit_test(site_turns_even_out_connections),
