@@ -4147,6 +4147,47 @@ mx_refusal_gives_the_domains_token_back(void **state)
     fx_free(f);
 }
 
+/* Likewise for a [source] key that refuses: the tokens the domain's key
+ * and the [mx] key gave go back, both. The source's token is spent half
+ * an hour before the transaction; an hour on, all three keys have one
+ * and the transaction goes. Before, the domain and the [mx] key had
+ * spent theirs on the refusal and held it another half hour. */
+static void
+source_refusal_gives_the_domain_and_mx_tokens_back(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 1\n"
+                          "[domain a.test]\nmax_message_rate = 1/h\n"
+                          "[mx *.hoster.test]\nmax_message_rate = 1/h\n"
+                          "[source 198.51.100.2]\nmax_message_rate = 1/h\n"
+                          "[pool bulk]\nsources = 198.51.100.2\n");
+    submit_pool("a.test", 1, "bulk");
+    submit_pool("a.test", 1, "bulk");
+    answer_pool("a.test", "bulk", MX1, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *a = c->dest;
+    assert_non_null(c->mxk);
+    assert_non_null(c->srck);
+    f->w.now += MS_TO_NS(2 * 60 * 60 * 1000ULL); /* every key idle (as above) */
+    uint64_t r, start = f->w.now;
+    assert_int_equal(limits_take_msgs(f->d->lim, &c->srck->lim, 1, f->w.now, &r), 1);
+    f->w.now += MS_TO_NS(30 * 60 * 1000ULL);
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_not_equal(what, SCHED_NEXT_JOB); /* the source's token is spent */
+    assert_int_equal(dest_queued(a), 2);
+    unsigned before = f->resumed;
+    f->w.now = start + MS_TO_NS(60 * 60 * 1000ULL);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->resumed, before + 1);
+    assert_non_null(c->job);
+    assert_ptr_equal(c->dest, a);
+    assert_int_equal(dest_queued(a), 1);
+    fx_free(f);
+}
+
 /* An [mx] cap that is full refuses a domain's new connection before the
  * domain's own connection-rate token is taken. Before, b.test (one
  * connection an hour) spent its token when it found the cap full, and
@@ -4941,6 +4982,7 @@ main(void)
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
         cmocka_unit_test(mx_refusal_gives_the_domains_token_back),
+        cmocka_unit_test(source_refusal_gives_the_domain_and_mx_tokens_back),
         cmocka_unit_test(full_mx_cap_takes_no_connection_rate_token),
         cmocka_unit_test(rate_refused_domain_does_not_take_the_mx_caps_slot),
         cmocka_unit_test(site_turns_even_out_connections),
