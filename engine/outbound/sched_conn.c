@@ -14,7 +14,9 @@
  * idle on its site or says goodbye. A transaction takes a message token
  * of its domain's key, then of the connection's [mx], [source] and
  * shaping keys; when one refuses, those the keys before it gave go back
- * (limits_give_msgs), so a refusal costs no other key its rate. A
+ * (limits_give_msgs), so a refusal costs no other key its rate, and so
+ * do all four when the job does not go after all (parked, shaped, or its
+ * source's warm-up allowance spent). A
  * domain with mail left gives the connection to a domain of the site
  * waiting behind it when it holds more
  * of the site's connections (site_share.c conn_give_turn: at once when
@@ -304,6 +306,18 @@ detour_take(struct conn *c, struct dest *t, bool *own)
     return j;
 }
 
+/* The message tokens the first n of a transaction's keys granted (keys[i]
+ * NULL: none), given back: another key refused its own, or the job did
+ * not go after all. */
+static void
+give_back(struct delivery *d, struct limit_key *const keys[4], struct limit_grant g[4],
+          unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (keys[i] != NULL)
+            limits_give_msgs(d->lim, keys[i], &g[i], 1);
+}
+
 struct job *
 sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
 {
@@ -430,7 +444,11 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         bool rate_held = false; /* t's own message rate gives no token now */
         if (!gone && sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
-            struct limit_grant gt, gm, gs; /* t's, mk's and sk's tokens, to give back */
+            /* the tokens of t's, mk's, sk's and hk's keys, given back when
+             * the transaction does not go (give_back) */
+            struct limit_key *keys[4] = {&t->lim, mk ? &mk->lim : NULL, sk ? &sk->lim : NULL,
+                                         hk ? &hk->lim : NULL};
+            struct limit_grant g[4];
             /* Jobs an MX host refused wait (policy_host): the one c may
              * carry is found first, no rate token spent on those passed
              * over; a detour's connection carries only those. */
@@ -466,35 +484,27 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             }
             if (passed) {
                 /* nothing here c may carry: no token taken */
-            } else if (limits_take_msgs_undo(d->lim, &t->lim, 1, d->w->now, &retry_at, &gt) != 1) {
+            } else if (limits_take_msgs_undo(d->lim, keys[0], 1, d->w->now, &retry_at, &g[0]) != 1) {
                 dest_rate_wait(t, retry_at);
                 dest_lim_wait(t, retry_at);
                 rate_held = true;
             } else if (mk != NULL &&
-                       limits_take_msgs_undo(d->lim, &mk->lim, 1, d->w->now, &retry_at, &gm) != 1) {
-                /* The tokens the keys before it gave go back
-                 * (limits_give_msgs): spent for a message that did not
-                 * go, they kept the domain under its own rate whenever
-                 * the [mx] key refused, and starved it while the two
-                 * rates took turns refusing. */
-                limits_give_msgs(d->lim, &t->lim, &gt, 1);
+                       limits_take_msgs_undo(d->lim, keys[1], 1, d->w->now, &retry_at, &g[1]) != 1) {
+                /* The tokens the keys before it gave go back: spent for
+                 * a message that did not go, they kept the domain under
+                 * its own rate whenever the [mx] key refused, and starved
+                 * it while the two rates took turns refusing. */
+                give_back(d, keys, g, 1);
                 dest_rate_wait(t, retry_at);
                 mx_wait(mk, t, retry_at, false);
             } else if (sk != NULL &&
-                       limits_take_msgs_undo(d->lim, &sk->lim, 1, d->w->now, &retry_at, &gs) != 1) {
-                limits_give_msgs(d->lim, &t->lim, &gt, 1); /* likewise */
-                if (mk != NULL)
-                    limits_give_msgs(d->lim, &mk->lim, &gm, 1);
+                       limits_take_msgs_undo(d->lim, keys[2], 1, d->w->now, &retry_at, &g[2]) != 1) {
+                give_back(d, keys, g, 2); /* likewise */
                 dest_rate_wait(t, retry_at);
                 mx_wait(sk, t, retry_at, false);
             } else if (hk != NULL &&
-                       limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1) {
-                /* likewise: its source's shaping rate refused */
-                limits_give_msgs(d->lim, &t->lim, &gt, 1);
-                if (mk != NULL)
-                    limits_give_msgs(d->lim, &mk->lim, &gm, 1);
-                if (sk != NULL)
-                    limits_give_msgs(d->lim, &sk->lim, &gs, 1);
+                       limits_take_msgs_undo(d->lim, keys[3], 1, d->w->now, &retry_at, &g[3]) != 1) {
+                give_back(d, keys, g, 3); /* likewise: its source's shaping rate */
                 dest_rate_wait(t, retry_at);
                 mx_wait(hk, t, retry_at, false);
             } else {
@@ -503,17 +513,24 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             }
             if (ahead != NULL)
                 dest_push(t, ahead, true); /* a rate held it: back where it was */
+            /* A job that does not go after all gives its keys' tokens
+             * back too. */
             if (j != NULL && scope_job_parked(d, j)) {
+                give_back(d, keys, g, 4);
                 continue; /* its tenant or campaign is suspended: parked */
             }
-            if (j != NULL && scope_job_shaped(d, t, j, c->mx))
-                continue; /* its tenant is suspended, slowed or bounced at this MX by
-                           * shaping: parked for a while, or bounced */
+            if (j != NULL && scope_job_shaped(d, t, j, c->mx)) {
+                give_back(d, keys, g, 4);
+                continue; /* its tenant is suspended, slowed (its tenant's rate
+                           * refused) or bounced at this MX by shaping: parked
+                           * for a while, or bounced */
+            }
             /* (no plan in the config: nothing to count, and no lock to take
              * on each transaction) */
             if (j != NULL && c->src != NULL && d->e->cfg->nwarmups != 0 &&
                 !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
                 /* the day's allowance went meanwhile: another source, or later */
+                give_back(d, keys, g, 4);
                 dest_push(t, j, true);
                 c->quit_why = "warmup";
                 *what = SCHED_NEXT_QUIT;
