@@ -2,10 +2,12 @@
  * main: command line, config, signals. The main thread starts the engine
  * and then only waits for signals (they are blocked in every thread, so
  * sigwaitinfo() here receives them all): SIGTERM and SIGINT drain and
- * stop, SIGHUP reopens the logs and reloads what may change at run time.
- * A fault or an abort in any thread (a stack overflow too: main and every
- * thread sluice starts have an alternate signal stack, log_altstack_init)
- * is caught only to write the log's kept lines, one of its own and the
+ * stop, SIGHUP reopens the logs and reloads what may change at run time
+ * (a TERM or INT that comes during a reload is taken before the next
+ * SIGHUP: a storm of them does not hold the stop back). A fault or an
+ * abort in any thread (a stack overflow too: main and every thread
+ * sluice starts have an alternate signal stack, log_altstack_init) is
+ * caught only to write the log's kept lines, one of its own and the
  * delivery log's lines not yet written (log_catch_fatal), then dies as
  * before.
  */
@@ -250,11 +252,26 @@ main(int argc, char **argv)
      * once replaced and no thread can reach it any more (config_gen.h,
      * engine_config_collect). While replaced ones wait for a thread to
      * move on, the loop wakes each second to ask again. */
+    sigset_t stops; /* what ends the loop: a reload does not hold it back */
+    sigemptyset(&stops);
+    sigaddset(&stops, SIGTERM);
+    sigaddset(&stops, SIGINT);
+    bool reloaded = false;
     for (;;) {
         siginfo_t si;
-        struct timespec tick = {1, 0};
+        struct timespec tick = {1, 0}, now = {0, 0};
         bool pending = engine_config_pending(&engine);
-        int sig = pending ? sigtimedwait(&sigs, &si, &tick) : sigwaitinfo(&sigs, &si);
+        /* After a reload, a TERM or INT that came meanwhile is taken
+         * before the next SIGHUP: sigwaitinfo gives the lowest-numbered
+         * pending signal first (HUP 1), so under SIGHUPs sent faster than
+         * a reload runs (tens of ms: a loop of kill -HUP, a logrotate
+         * run per file) one was always pending and the TERM waited for
+         * as long as they went on. A TERM now waits for one reload at
+         * most: the one under way, or one pending with it. */
+        int sig = reloaded ? sigtimedwait(&stops, &si, &now) : -1;
+        reloaded = false;
+        if (sig < 0)
+            sig = pending ? sigtimedwait(&sigs, &si, &tick) : sigwaitinfo(&sigs, &si);
         if (sig < 0) {
             if (errno == EAGAIN) {
                 engine_config_collect(&engine);
@@ -325,6 +342,7 @@ main(int argc, char **argv)
             if (engine.cfg != before)
                 config_drop_dkim_keys((struct config *)(uintptr_t)before);
             engine_config_collect(&engine);
+            reloaded = true;
             continue;
         }
         uint64_t drain_ms = engine.cfg->server.drain_timeout;
@@ -341,12 +359,8 @@ main(int argc, char **argv)
          * before this TERM was taken was taken first (sigwaitinfo on
          * Linux gives the lowest-numbered pending signal first, HUP 1
          * before INT 2 and TERM 15): its reload ran, and is told as it
-         * went. */
-        sigset_t cut;
-        sigemptyset(&cut);
-        sigaddset(&cut, SIGTERM);
-        sigaddset(&cut, SIGINT);
-        enum engine_drain_end end = engine_drain(&engine, drain_ms, &cut);
+         * went; one at most (above). */
+        enum engine_drain_end end = engine_drain(&engine, drain_ms, &stops);
         if (end != ENGINE_DRAIN_CUT) {
             bool all = end == ENGINE_DRAIN_DONE;
             log_msg(all ? LOG_NOTICE : LOG_WARN, "event=drain_%s note=%s",
