@@ -40,9 +40,12 @@
  * before the first was used) closes every descriptor received and the
  * connection, with an error.
  *
- * At the stop, a command under way (a bounce or a flush the stop cut,
- * which says so) still has its answer sent to its client before the
- * clients are closed (stop_answers), within STOP_ANSWER_MS.
+ * At the stop, this thread goes on answering until the command under
+ * way (a bounce or a flush the stop cut, which says so) has ended; a
+ * command sent meanwhile is answered "sluice is stopping: the command
+ * was not run". Then the socket's path is removed and the listeners
+ * closed, and what is left to answer is sent to its clients before they
+ * are closed (stop_answers), within STOP_ANSWER_MS.
  *
  * Threading: the struct is written by the stats thread only, after
  * stats_server_new() handed it over; stats_server_free() stops the
@@ -1163,6 +1166,36 @@ stats_thread(void *arg)
 
 /* ---- life cycle ---- */
 
+/* The answer of a socket client the stop finds owed one that was never
+ * going to come (its line unread, or not come yet): that sluice is
+ * stopping, sent by stop_answers. */
+static void
+stop_refuse(struct client *c)
+{
+    json_reset(&c->out);
+    stats_answer_error(&c->out, STATS_CMD_NOT_RUN);
+    json_raw(&c->out, "\n", 1);
+    c->outoff = 0;
+    c->closing = true;
+}
+
+/* Whether socket client c is owed an answer no one will make: the stats
+ * thread is gone, its command not with the command thread, and a
+ * request of it began (accepted and none yet, or octets of one read or
+ * waiting in its socket). Closed without one, sluicectl said "no
+ * answer: Connection reset by peer" (exit 3) for a command sent as the
+ * stop began. A client idle between requests (sluicectl top) is not: a
+ * line it did not ask for would answer its next request. */
+static bool
+stop_owed(struct client *c)
+{
+    if (c->fd < 0 || c->kind != CLIENT_CTL || c->waiting || c->closing || c->draining ||
+        c->outoff < c->out.len)
+        return false;
+    char b;
+    return c->req_start != 0 || c->inlen > 0 || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
 /* The stop (stats_server_free, the thread joined, the command thread
  * stopped): the answers the command thread made since the stats thread
  * last took them (a bounce or a flush the stop cut: its error, which
@@ -1170,9 +1203,10 @@ stats_thread(void *arg)
  * and any answer not all sent, go out before the clients are closed.
  * They were freed with the command thread, and sluicectl saw the
  * connection close (exit 3, no reason) while only the log told why.
- * Bounded: STOP_ANSWER_MS for every client together, a client that does
- * not read is closed with its answer unsent; the caller's wait for the
- * command itself is stats_cmd_stop's. */
+ * A socket client owed an answer nobody will make is told that sluice
+ * stops (stop_owed). Bounded: STOP_ANSWER_MS for every client together,
+ * a client that does not read is closed with its answer unsent; the
+ * caller's wait for the command itself is stats_cmd_stop's. */
 static void
 stop_answers(struct stats_server *s)
 {
@@ -1185,6 +1219,9 @@ stop_answers(struct stats_server *s)
             c->closing = true; /* its write side shut once sent: it reads the end */
     }
     stats_cmd_jobs_free(list);
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+        if (stop_owed(&s->clients[i]))
+            stop_refuse(&s->clients[i]);
     for (;;) {
         struct pollfd pfd[STATS_CLIENTS_MAX];
         nfds_t n = 0;
@@ -1200,6 +1237,40 @@ stop_answers(struct stats_server *s)
         if (poll(pfd, n, (int)(end - now)) < 0 && errno != EINTR)
             return;
         now = clock_mono_ms();
+    }
+}
+
+/* The stop: each client still in the socket's backlog (connected as the
+ * stats thread left) is told that sluice stops, then closed: closed
+ * unaccepted with the listener, it was reset with no answer. A free slot
+ * for each takes it to stop_answers; past the pool, the line is sent
+ * here if the socket takes it at once. */
+static void
+stop_refuse_backlog(struct stats_server *s)
+{
+    uint64_t now = clock_mono_ms();
+    for (unsigned n = 0; n < STATS_CLIENTS_MAX; n++) {
+        int fd = accept4(s->ctl_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        struct client *c = NULL;
+        for (size_t i = 0; i < STATS_CLIENTS_MAX && c == NULL; i++)
+            if (s->clients[i].fd < 0)
+                c = &s->clients[i];
+        if (c == NULL) {
+            static const char line[] = "{\"ok\":false,\"error\":\"" STATS_CMD_NOT_RUN "\"}\n";
+            (void)!send(fd, line, sizeof(line) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            close(fd);
+            continue;
+        }
+        memset(c, 0, sizeof(*c));
+        c->fd = fd;
+        c->pass_fd = -1;
+        c->kind = CLIENT_CTL;
+        c->gen = ++s->next_gen;
+        c->last_io = now;
+        json_init(&c->out);
+        stop_refuse(c);
     }
 }
 
@@ -1262,28 +1333,42 @@ stats_server_free(struct stats_server *s)
 {
     if (s == NULL)
         return NULL;
+    /* The command under way, if any, ends first (a flush or bounce the
+     * stop cuts, an import at the end of its transaction: up to a second
+     * or so), while the stats thread goes on answering: a command sent
+     * meanwhile is told that sluice is stopping (stats_cmd_submit), a
+     * stats answered. Joined first, as before, the socket stayed open
+     * with nobody serving it: a sluicectl connected, wrote, and waited
+     * for the join, then saw its connection reset, no answer. */
+    stats_cmd_stop(s->cmd);
     if (s->started) {
         uint64_t one = 1;
         (void)!write(s->wake_fd, &one, sizeof(one));
         pthread_join(s->thread, NULL);
     }
-    stats_cmd_stop(s->cmd); /* after the command under way, if any */
-    if (s->cmd != NULL)
-        stop_answers(s);
-    s->cmd = stats_cmd_free(s->cmd);
-    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
-        if (s->clients[i].fd >= 0)
-            client_close(&s->clients[i]);
+    /* Nobody accepts any more: the path goes at once, so that a client
+     * now is told there is no sluice (not a connection that waits, then
+     * is reset, while the last answers below are sent); those connected
+     * meanwhile, in the listener's backlog, are told that sluice stops. */
     if (s->ctl_fd >= 0) {
         struct stat st;
         /* Remove the file only if it is still ours: a newer sluice may
          * have replaced it (a stale-looking file while this one stopped). */
         if (lstat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
             unlink(s->path);
+        stop_refuse_backlog(s);
         close(s->ctl_fd);
+        s->ctl_fd = -1;
     }
     if (s->http_fd >= 0)
         close(s->http_fd);
+    s->http_fd = -1;
+    if (s->cmd != NULL)
+        stop_answers(s);
+    s->cmd = stats_cmd_free(s->cmd);
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+        if (s->clients[i].fd >= 0)
+            client_close(&s->clients[i]);
     if (s->wake_fd >= 0)
         close(s->wake_fd);
     free(s->doms);

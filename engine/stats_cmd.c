@@ -7,11 +7,14 @@
  * answers come back at done, and an eventfd tells the stats thread
  * (stats_cmd_take).
  *
- * Threading: stats_cmd_new, _submit, _take and _free are the stats
- * thread's (_stop, _take and _free also its owner's once that thread has
- * been joined: stats_server_free); the command thread runs ops->command
- * and writes only the job it took and the scratch buffer. lock guards
- * todo, done and stop.
+ * Threading: stats_cmd_new, _submit and _take are the stats thread's
+ * (_take also its owner's once that thread has been joined); _stop is
+ * its owner's, called while the stats thread still runs (it goes on
+ * answering while the command under way ends: stats_server_free), and
+ * _free its owner's once that thread has been joined; the command
+ * thread runs ops->command and writes only the job it took and the
+ * scratch buffer. lock guards todo, done and stop; started is the
+ * owner's.
  *
  * A job owns the descriptor its client passed with the line, if any
  * (stats.h, struct stats_caller): closed once its command ran, or with
@@ -197,6 +200,8 @@ stats_cmd_stop(struct stats_cmd *q)
         q->done = j;
     }
     q->todo_tail = &q->todo;
+    uint64_t one = 1; /* for a stats thread still running: stats_server_free */
+    (void)!write(q->done_fd, &one, sizeof(one));
     pthread_mutex_unlock(&q->lock);
 }
 
@@ -237,6 +242,22 @@ stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args,
     snprintf(j->args, sizeof(j->args), "%s", args);
     json_init(&j->out);
     pthread_mutex_lock(&q->lock);
+    if (q->stop) {
+        /* The stop has begun: the command thread takes nothing more, and
+         * queued the job would wait unanswered to the close. Told so
+         * now, as those it never came to are (stats_cmd_stop). */
+        if (j->who.fd >= 0)
+            close(j->who.fd);
+        j->who.fd = -1;
+        stats_answer_error(&j->out, STATS_CMD_NOT_RUN);
+        json_raw(&j->out, "\n", 1);
+        j->next = q->done;
+        q->done = j;
+        uint64_t one = 1;
+        (void)!write(q->done_fd, &one, sizeof(one));
+        pthread_mutex_unlock(&q->lock);
+        return true;
+    }
     *q->todo_tail = j;
     q->todo_tail = &j->next;
     pthread_cond_signal(&q->cv);

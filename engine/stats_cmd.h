@@ -35,8 +35,11 @@ int stats_cmd_new(const struct stats_ops *ops, struct stats_cmd **out, char *err
  * own: the engine's commands give up once the stop began, e->stopping,
  * and the stop as a whole has its watch, engine_stop). Its answer, and
  * an error for each command queued and never run, are left for
- * stats_cmd_take(), so that the caller can send them before it closes
- * their clients. Idempotent. */
+ * stats_cmd_take() (the eventfd written), so that the stats thread, still
+ * running, or the caller once it is joined, sends them before their
+ * clients are closed. A command submitted from the call on is answered
+ * so at once, not run. Idempotent; the owner's (stats_server_free), the
+ * stats thread running or not. */
 void stats_cmd_stop(struct stats_cmd *q);
 /* Stop the thread if it runs (stats_cmd_stop) and free what it holds,
  * answered or not. Returns NULL. */
@@ -45,8 +48,9 @@ struct stats_cmd *stats_cmd_free(struct stats_cmd *q);
 int stats_cmd_fd(const struct stats_cmd *q);
 /* Queue verb (static) and args, sent by who, for the client at slot,
  * gen. who->fd, if any, is the job's from then on (closed once the
- * command ran, or with the job). False without memory: who->fd stays the
- * caller's. */
+ * command ran, or with the job). Once stats_cmd_stop was called, the job
+ * is answered at once (STATS_CMD_NOT_RUN) for stats_cmd_take(). False
+ * without memory: who->fd stays the caller's. */
 bool stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args,
                       const struct stats_caller *who, size_t slot, uint64_t gen);
 /* The answers made since the last call (the eventfd is read): a list the

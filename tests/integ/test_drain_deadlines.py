@@ -27,8 +27,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 from harness import (WAIT, Sluice, Smtp, Workdir, extra_env, free_port, log_fields, log_time,
@@ -36,6 +38,8 @@ from harness import (WAIT, Sluice, Smtp, Workdir, extra_env, free_port, log_fiel
 from test_hostile_client import deaf_client, envelope, held_message, sluice
 
 SLUICE = sys.argv[1]
+SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
 
 
 def test_drain_keeps_a_closing_sessions_earlier_deadline():
@@ -526,7 +530,109 @@ def test_a_sighup_storm_does_not_hold_back_the_term():
         spooled = {m["body"].split(b"\r\n\r\n", 1)[1].strip().decode()
                    for m in spool_messages(d.spool)}
         lost = [t for t in accepted if t not in spooled]
-        assert not lost, f"{len(lost)} of {len(accepted)} accepted messages not in the spool: {lost[:5]}"
+        assert not lost, f"{len(lost)} of {len(accepted)} accepted not in the spool: {lost[:5]}"
+
+
+def stats_probe(path, line):
+    """line on the stats socket at path, on a connection of its own:
+    ("answered", its answer), ("gone", None): no socket to connect to, or
+    ("no answer", None): connected, then closed or reset with no line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(30)
+        try:
+            c.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return "gone", None
+        try:
+            c.sendall(line)
+            got = c.makefile("rb").readline()
+        except (ConnectionResetError, BrokenPipeError):
+            return "no answer", None
+        return ("answered", json.loads(got)) if got else ("no answer", None)
+
+
+def test_a_command_during_the_stops_wait_for_a_command_is_answered():
+    """The stop ends the stats socket's command under way first (here a
+    suppress import, cut at the end of its transaction of 250,000
+    entries). The stats thread was joined before that wait, the socket
+    left open: a sluicectl then connected, wrote its command, waited for
+    the import's transaction, and saw its connection reset, no answer.
+    Now the stats thread answers until the command under way has ended
+    (an engine command sent meanwhile: "sluice is stopping: the command
+    was not run"), then the socket's path is removed at once, and a
+    client connected meanwhile is told that sluice stops: every probe
+    sent from the drain's end to the exit is answered or finds no socket,
+    none is left without an answer. sluice exits 0."""
+    n = 2_000_000
+    with sluice("drain_timeout = 10s\n", workers=1,
+                log="\n[stats]\nsocket = {dir}/ctl.sock\n") as d:
+        sock = f"{d.dir}/ctl.sock"
+        src = f"{d.dir}/big.csv"
+        with open(src, "w") as f:
+            f.writelines(f"u{i:07d}@imp.test,,hard_bounce,,,n{i}\n" for i in range(n))
+        imp = subprocess.Popen([SLUICECTL, "-s", sock, "--json", "suppress",
+                                "import", src], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        try:
+            def writing():  # its first transaction in: it is writing the next
+                p = subprocess.run([SLUICECTL, "-s", sock, "--json", "stats"],
+                                   capture_output=True, text=True, timeout=30)
+                return p.returncode == 0 and json.loads(p.stdout)["suppress"]["entries"] > 0
+            wait_until(writing, 120, "the import's first transaction")
+            d.signal(signal.SIGTERM)
+            d.wait_log("event=drain_done")
+            # Four probers at once, each asking again as soon as it has its
+            # answer (stats, or queue: an engine command), until the socket
+            # is gone: the stop's wait for the import lasts what is left of
+            # its transaction, a few ms to a few hundred.
+            probes = []  # (what came, whether the import was still under way when sent)
+
+            def prober(k):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    under_way = not d.log_lines("event=suppress_import")
+                    line = b"queue 1\n" if k % 2 else b"stats\n"
+                    got, doc = stats_probe(sock, line)
+                    probes.append((got, under_way))
+                    if got == "gone":
+                        return
+                    stopping = {"ok": False, "error": "sluice is stopping: the command was not run"}
+                    if got == "answered" and line.startswith(b"queue"):
+                        assert doc == stopping, doc
+                    elif got == "answered":  # answered as ever, or, at the very end, not run
+                        assert doc["ok"] is True or doc == stopping, doc
+            errors = []
+
+            def run(k):
+                try:
+                    prober(k)
+                except Exception as e:  # noqa: BLE001 (said by the test's thread)
+                    errors.append(e)
+            probers = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+            for t in probers:
+                t.start()
+            for t in probers:
+                t.join(120)
+            assert not errors, errors
+            rc = d.proc.wait(30)
+            out, err = imp.communicate(timeout=30)
+        finally:
+            if imp.poll() is None:
+                imp.kill()
+                imp.wait()
+        d.reader.join(5)
+        assert rc == 0, "\n".join(d.lines[-20:])
+        (logged,) = d.log_lines("event=suppress_import")
+        during = sum(1 for _, u in probes if u)
+        print(f"     {len(probes)} probes after the drain, {during} while the import was under "
+              f"way: {sorted(set(g for g, _ in probes))}")
+        # before, those sent once the stop waited for the import: reset
+        assert all(g != "no answer" for g, _ in probes), probes
+        assert sum(g == "gone" for g, _ in probes) == 4, probes  # each prober to the end
+        if "cut=stopping" not in logged or during == 0:
+            print("     not conclusive: the import was not under way into the stop")
+            return
+        assert imp.returncode == 1 and "cut by sluice's stop" in err, (imp.returncode, err)
 
 
 if __name__ == "__main__":
@@ -537,4 +643,5 @@ if __name__ == "__main__":
           test_a_sighup_during_the_stop_is_logged_and_reopens_the_logs,
           test_sighups_through_the_whole_stop,
           test_a_stop_stuck_at_its_sighup_takers_join_names_it,
-          test_a_sighup_storm_does_not_hold_back_the_term])
+          test_a_sighup_storm_does_not_hold_back_the_term,
+          test_a_command_during_the_stops_wait_for_a_command_is_answered])
