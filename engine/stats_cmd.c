@@ -92,6 +92,31 @@ do_engine(struct stats_cmd *q, const char *verb, const char *args, const struct 
     }
 }
 
+/* j, answered, to done for stats_cmd_take (the eventfd written). Under
+ * lock. */
+static void
+done_push(struct stats_cmd *q, struct stats_cmd_job *j)
+{
+    j->next = q->done;
+    q->done = j;
+    uint64_t one = 1;
+    (void)!write(q->done_fd, &one, sizeof(one));
+}
+
+/* j, never run, answered so (sluice stops): its descriptor closed, then
+ * to done. Under lock. */
+static void
+not_run_push(struct stats_cmd *q, struct stats_cmd_job *j)
+{
+    if (j->who.fd >= 0)
+        close(j->who.fd);
+    j->who.fd = -1;
+    json_reset(&j->out);
+    stats_answer_error(&j->out, STATS_CMD_NOT_RUN);
+    json_raw(&j->out, "\n", 1);
+    done_push(q, j);
+}
+
 /* Run the engine's commands one at a time, in the order they came, as
  * the stats thread alone did before (ops.c expects one caller of
  * commands). A flush or bounce of a million recipients takes seconds to
@@ -129,10 +154,7 @@ cmd_thread(void *arg)
         }
         json_raw(&j->out, "\n", 1);
         pthread_mutex_lock(&q->lock);
-        j->next = q->done;
-        q->done = j;
-        uint64_t one = 1;
-        (void)!write(q->done_fd, &one, sizeof(one));
+        done_push(q, j);
     }
     pthread_mutex_unlock(&q->lock);
     return NULL;
@@ -187,21 +209,12 @@ stats_cmd_stop(struct stats_cmd *q)
     /* Those it never came to are answered so, beside the one it ran: a
      * client told why, not a connection closed. */
     pthread_mutex_lock(&q->lock);
-    while (q->todo != NULL) {
+    while (q->todo != NULL) { /* the eventfd: a stats thread still running takes them */
         struct stats_cmd_job *j = q->todo;
         q->todo = j->next;
-        if (j->who.fd >= 0)
-            close(j->who.fd);
-        j->who.fd = -1;
-        json_reset(&j->out);
-        stats_answer_error(&j->out, STATS_CMD_NOT_RUN);
-        json_raw(&j->out, "\n", 1);
-        j->next = q->done;
-        q->done = j;
+        not_run_push(q, j);
     }
     q->todo_tail = &q->todo;
-    uint64_t one = 1; /* for a stats thread still running: stats_server_free */
-    (void)!write(q->done_fd, &one, sizeof(one));
     pthread_mutex_unlock(&q->lock);
 }
 
@@ -246,15 +259,7 @@ stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args,
         /* The stop has begun: the command thread takes nothing more, and
          * queued the job would wait unanswered to the close. Told so
          * now, as those it never came to are (stats_cmd_stop). */
-        if (j->who.fd >= 0)
-            close(j->who.fd);
-        j->who.fd = -1;
-        stats_answer_error(&j->out, STATS_CMD_NOT_RUN);
-        json_raw(&j->out, "\n", 1);
-        j->next = q->done;
-        q->done = j;
-        uint64_t one = 1;
-        (void)!write(q->done_fd, &one, sizeof(one));
+        not_run_push(q, j);
         pthread_mutex_unlock(&q->lock);
         return true;
     }
