@@ -993,7 +993,8 @@ ops_command(void *arg, const char *verb, const char *args, const struct stats_ca
          * for this one: it read the same file), or for the drain or the
          * stop, after which it takes no SIGHUP. One raised before the
          * main thread took the TERM runs first (main.c: sigwaitinfo on
-         * Linux gives the lowest-numbered pending signal first). */
+         * Linux gives the lowest-numbered pending signal first), unless
+         * a reload was under way when the TERM came: then the TERM. */
         uint64_t gen = engine_reload_gen(e);
         /* once draining, the main thread would log the HUP as ignored,
          * with sluice's own pid as its sender: the wait answers alone */
