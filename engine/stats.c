@@ -333,6 +333,12 @@ answer_errorf(struct json *out, const char *fmt, ...)
     stats_answer_error(out, b);
 }
 
+/* The words of args against a command's bounds. A word that opens with
+ * a quote runs to its closing one (a backslash takes the octet after it)
+ * and on to the next blank, as ops_suppress.c's word_len reads it: a
+ * suppress import's or export's path with blanks comes quoted, and
+ * counted blank by blank a name with some sixty of them was refused
+ * here as "usage: suppress ..." before suppress saw it. */
 static unsigned
 count_words(const char *s)
 {
@@ -340,8 +346,16 @@ count_words(const char *s)
     bool in = false;
     for (; *s != '\0'; s++) {
         bool space = *s == ' ' || *s == '\t';
-        if (!space && !in)
+        if (!space && !in) {
             n++;
+            if (*s == '"') {
+                const char *q = s + 1;
+                while (*q != '\0' && *q != '"')
+                    q += q[0] == '\\' && q[1] != '\0' ? 2 : 1;
+                if (*q == '"')
+                    s = q; /* its closing quote: the word goes on to a blank */
+            }
+        }
         in = !space;
     }
     return n;

@@ -887,6 +887,30 @@ test_commands(void **state)
     assert_non_null(strstr(jstr(v, "text"), "sluice_recipients_delivered_total 8\n"));
     jfree(v);
 
+    /* A quoted word is one, whatever its blanks (a suppress import's
+     * path as sluicectl quotes it: 64 words at most, and a file name
+     * with more blanks was refused as "usage: suppress ..."). */
+    char quoted[256];
+    size_t qn = (size_t)snprintf(quoted, sizeof(quoted), "suppress import \"/tmp/a");
+    for (int i = 0; i < 70; i++)
+        qn += (size_t)snprintf(quoted + qn, sizeof(quoted) - qn, " b");
+    snprintf(quoted + qn, sizeof(quoted) - qn, " \\\" c.csv\"");
+    unsigned before_q = fx->f.commands;
+    v = conn_ask(c, quoted);
+    assert_true(jbool(v, "ok"));
+    jfree(v);
+    assert_int_equal(fx->f.commands, before_q + 1);
+    assert_string_equal(fx->f.last_verb, "suppress");
+    /* an unquoted one still counts each word */
+    qn = (size_t)snprintf(quoted, sizeof(quoted), "suppress import /tmp/a");
+    for (int i = 0; i < 70; i++)
+        qn += (size_t)snprintf(quoted + qn, sizeof(quoted) - qn, " b");
+    v = conn_ask(c, quoted);
+    assert_false(jbool(v, "ok"));
+    assert_non_null(strstr(jstr(v, "error"), "usage: suppress"));
+    jfree(v);
+    assert_int_equal(fx->f.commands, before_q + 1);
+
     /* many commands in one write: one answer each, in order */
     char many[64 * 10];
     size_t n = 0;
