@@ -298,7 +298,8 @@ void site_addr_give(const struct sites *s, struct site_addr *x, bool yielded);
 void site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                     const struct site *by);
 /* Whether a connection of site `mine` (on s's worker) holding slot x
- * should give it back when it has nothing to send (no lock: x is its);
+ * should give it back when it has nothing to send (no lock, but for a
+ * yield to another worker: site_addr_yield's);
  * cap: max_connections_per_address, whose share is each worker's floor.
  * *yielded: true when it was for another worker (site_addr_yield's,
  * counted: the connection must end and say so to site_addr_give). */

@@ -35,8 +35,10 @@
  * a worker past its own, they would be wanted back at once.
  * Each entry keeps every worker's count, yielding count and want; the
  * holders read them through their own entry with no lock (atomics: read
- * a little late, they cost one idle connection a little longer, or one
- * quit for nothing).
+ * a little late, they cost one idle connection a little longer), and a
+ * connection that should yield is asked again and counted under the
+ * stripe's lock, where every count changes: two workers' connections
+ * that read the same want at once would otherwise both go.
  *
  * Threading: any worker's thread; the stripes' locks.
  */
@@ -251,14 +253,12 @@ site_addr_wanted(const struct sites *s, struct site_addr *x, unsigned cap, uint6
     return *yielded = site_addr_yield(s, x, cap, now);
 }
 
-bool
-site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64_t now)
+/* Whether a connection of s's worker holding x should yield (see
+ * site_addr_yield): read without the lock or under it. */
+static bool
+yield_due(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now)
 {
-    if (x == NULL || cap == 0 || s->addrs->workers < 2)
-        return false;
     unsigned floor = site_addr_floor(s, cap);
-    /* read without the lock: a count a little stale costs one
-     * transaction's delay, or one yield for nothing */
     const struct site_addr_worker *w = &x->w[me(s)];
     unsigned mine = atomic_load_explicit(&w->conns, memory_order_relaxed);
     unsigned going = atomic_load_explicit(&w->yielding, memory_order_relaxed);
@@ -274,10 +274,29 @@ site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64
             wanting++;
     }
     coming += cap > all ? cap - all : 0;
-    if (wanting <= coming)
+    return wanting > coming;
+}
+
+bool
+site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64_t now)
+{
+    if (x == NULL || cap == 0 || s->addrs->workers < 2)
         return false;
-    atomic_fetch_add_explicit(&x->w[me(s)].yielding, 1, memory_order_relaxed);
-    return true;
+    /* Asked per transaction: the common answer, no, read without the
+     * lock (a count a little stale costs one transaction's delay). */
+    if (!yield_due(s, x, cap, now))
+        return false;
+    /* A yes is asked again under the stripe's lock, and counted there:
+     * connections of two workers past their floor that both read the
+     * want before either counted itself would both go, for one slot
+     * wanted, and the other slot be taken back by its worker at once. */
+    unsigned k = stripe_of(x->node.hash);
+    pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    bool due = yield_due(s, x, cap, now);
+    if (due)
+        atomic_fetch_add_explicit(&x->w[me(s)].yielding, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+    return due;
 }
 
 int
