@@ -1081,8 +1081,12 @@ ops_start(struct engine *e, char *err, size_t errlen)
     if (sc->socket == NULL)
         return 0;
     static struct stats_ops ops;
-    ops = (struct stats_ops){.arg = e, .counters = ops_counters_in, .domains = ops_domains_in,
-                             .command = ops_command_in};
+    ops = (struct stats_ops){.arg = e,
+                             .counters = ops_counters_in,
+                             .domains = ops_domains_in,
+                             .command = ops_command_in,
+                             .delivery_off = e->cfg_start != NULL &&
+                                             !e->cfg_start->delivery.enabled};
     if (e->dlog != NULL && (e->dlogw_ops = dlog_writer_new(e->dlog)) == NULL) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;

@@ -328,6 +328,9 @@ struct stats_ops {
      * "not available". */
     int (*command)(void *arg, const char *verb, const char *args, const struct stats_caller *who,
                    struct json *out, char *err, size_t errlen);
+    /* [delivery] enabled = no as the engine started (a reload keeps it):
+     * the domains answer says so, with no counters gathered for it. */
+    bool delivery_off;
 };
 
 /* The N of "domains [N]" and "sites [N]": args empty gives

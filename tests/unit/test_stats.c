@@ -382,6 +382,7 @@ struct fake {
     unsigned fds_seen;        /* commands that came with one */
     ino_t fd_ino;
     uid_t uid;
+    unsigned counters_calls;
     unsigned stall_ms; /* the next counters call returns this much later */
     unsigned stalls;   /* calls that did */
 };
@@ -391,6 +392,7 @@ fake_counters(void *arg, struct stats_counters *out)
 {
     struct fake *f = arg;
     pthread_mutex_lock(&f->mu);
+    f->counters_calls++;
     *out = f->c;
     unsigned stall = f->stall_ms;
     f->stall_ms = 0;
@@ -515,6 +517,7 @@ setup(void **state)
     c->workers = 2;
     c->redis_state = "connected";
     c->uptime_ms = 90061000;
+    c->delivery_on = 1;
     fake_domain(&fx->f.d[0], "gmail.com", 100, false);
     fake_domain(&fx->f.d[1], "example.org", 50, true);
     fake_domain(&fx->f.d[2], "we\"ird\\dom\nain", 1, false);
@@ -822,10 +825,26 @@ test_domains(void **state)
     assert_true(jnull(v, "domains.1.rate_limit"));
     assert_true(jnull(v, "domains.1.oldest"));
     assert_string_equal(jstr(v, "domains.2.name"), "we\"ird\\dom\nain");
+    assert_true(jbool(v, "delivery_enabled"));
     jfree(v);
     v = conn_ask(c, "domains 2");
     assert_int_equal(jget(v, "domains")->n, 2);
     jfree(v);
+    /* domains gathers no counters (it did each time, for delivery_enabled:
+     * every worker asked again): ten answers, and at most the rates'
+     * samples meanwhile (one a second) */
+    pthread_mutex_lock(&fx->f.mu);
+    unsigned calls = fx->f.counters_calls;
+    pthread_mutex_unlock(&fx->f.mu);
+    for (int i = 0; i < 10; i++) {
+        v = conn_ask(c, "domains");
+        assert_true(jbool(v, "ok"));
+        jfree(v);
+    }
+    pthread_mutex_lock(&fx->f.mu);
+    calls = fx->f.counters_calls - calls;
+    pthread_mutex_unlock(&fx->f.mu);
+    assert_true(calls <= 2);
     const char *bad[] = {"domains 0", "domains x", "domains -1", "domains 1001", "domains 1 2"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         v = conn_ask(c, bad[i]);
