@@ -343,8 +343,12 @@ cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
             size_t o = 0, i = 1;
             for (; word[i] != '\0' && word[i] != '"'; i++)
                 word[o++] = word[i] == '\\' && word[i + 1] != '\0' ? word[++i] : word[i];
-            if (word[i] != '"' || word[i + 1] != '\0' || o == 0) {
+            if (word[i] != '"' || word[i + 1] != '\0') {
                 snprintf(err, errlen, "suppress %s: a quoted PATH must end with its quote", sub);
+                return -1;
+            }
+            if (o == 0) {
+                snprintf(err, errlen, "suppress %s: missing PATH (an empty name)", sub);
                 return -1;
             }
             word[o] = '\0';

@@ -96,7 +96,8 @@ struct warmup_row {
     uint64_t taken;        /* today, this node's and (with Redis) the others' as last seen */
     uint64_t left;         /* what warmup_left answers (with Redis: this node's share) */
     uint64_t reserved;     /* with Redis: the day's reservations of every node, as this
-                            * node last saw them in Redis; 0 without */
+                            * node last saw them in Redis (after a start, its own from
+                            * the state file until the keeper's first pass); 0 without */
     uint64_t next_day_ms;  /* Unix ms of the next day's start */
 };
 /* Up to cap rows at now_ms, sources in config order, groups in plan

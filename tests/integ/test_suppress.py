@@ -667,6 +667,11 @@ def test_import_export_of_a_file_name_with_blanks():
         quoted = '"' + src.replace("\\", "\\\\").replace('"', '\\"') + '"'
         got = stats_ask(r.dlog + SOCK_SUFFIX, f"suppress import {quoted}", timeout=20)
         assert got["ok"] is True and got["imported"] == 1, got
+        # an empty quoted name is named as such, an unclosed one too
+        got = stats_ask(r.dlog + SOCK_SUFFIX, 'suppress import ""', timeout=20)
+        assert got["ok"] is False and "missing PATH" in got["error"], got
+        got = stats_ask(r.dlog + SOCK_SUFFIX, 'suppress import "/tmp/x', timeout=20)
+        assert got["ok"] is False and "must end with its quote" in got["error"], got
         bad = os.path.join(r.wd.path, "tab\there.csv")
         p = ctl(r, "suppress", "export", bad)
         assert p.returncode == 2 and "control character" in p.stderr, p
