@@ -4103,6 +4103,32 @@ site_turn_takes_no_connection_rate_token(void **state)
     fx_free(f);
 }
 
+/* c's domain a has two messages queued, every key of c 1/h: refusing's
+ * token is spent half an hour before a's first transaction, which
+ * refusing refuses; an hour on, refusing has its token again and its
+ * timer hands a's transaction to c at once, the other keys' tokens given
+ * back at the refusal. (Every key idle for two hours first: a clock
+ * starting under an hour would be read as a token taken at 0.) */
+static void
+refused_then_an_hour_on(struct fx *f, struct conn *c, struct dest *a, struct limit_key *refusing)
+{
+    f->w.now += MS_TO_NS(2 * 60 * 60 * 1000ULL);
+    uint64_t r, start = f->w.now;
+    assert_int_equal(limits_take_msgs(f->d->lim, refusing, 1, f->w.now, &r), 1);
+    f->w.now += MS_TO_NS(30 * 60 * 1000ULL);
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_not_equal(what, SCHED_NEXT_JOB); /* refusing's token is spent */
+    assert_int_equal(dest_queued(a), 2);
+    unsigned before = f->resumed;
+    f->w.now = start + MS_TO_NS(60 * 60 * 1000ULL);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->resumed, before + 1);
+    assert_non_null(c->job);
+    assert_ptr_equal(c->dest, a);
+    assert_int_equal(dest_queued(a), 1);
+}
+
 /* A domain with a message rate behind an [mx] section with one: when the
  * [mx] key refuses a transaction, the token the domain's key gave for it
  * goes back (limits_give_msgs). Here both are 1/h, the [mx] key's token
@@ -4125,25 +4151,7 @@ mx_refusal_gives_the_domains_token_back(void **state)
     struct conn *c = f->open[0];
     struct dest *a = dest_get(f->d, "a.test");
     assert_non_null(c->mxk);
-    /* (both keys idle for longer than their interval: a clock starting
-     * under an hour would be read as a token taken at 0) */
-    f->w.now += MS_TO_NS(2 * 60 * 60 * 1000ULL);
-    uint64_t r, start = f->w.now;
-    assert_int_equal(limits_take_msgs(f->d->lim, &c->mxk->lim, 1, f->w.now, &r), 1);
-    f->w.now += MS_TO_NS(30 * 60 * 1000ULL);
-    enum sched_next what;
-    conn_ready(c, &what);
-    assert_int_not_equal(what, SCHED_NEXT_JOB); /* the [mx] key's token is spent */
-    assert_int_equal(dest_queued(a), 2);
-    /* the [mx] key's next token: its timer hands a.test's transaction
-     * to c at once */
-    unsigned before = f->resumed;
-    f->w.now = start + MS_TO_NS(60 * 60 * 1000ULL);
-    timer_run(&f->w.timers, f->w.now, NULL);
-    assert_int_equal(f->resumed, before + 1);
-    assert_non_null(c->job);
-    assert_ptr_equal(c->dest, a);
-    assert_int_equal(dest_queued(a), 1);
+    refused_then_an_hour_on(f, c, a, &c->mxk->lim);
     fx_free(f);
 }
 
@@ -4170,21 +4178,7 @@ source_refusal_gives_the_domain_and_mx_tokens_back(void **state)
     struct dest *a = c->dest;
     assert_non_null(c->mxk);
     assert_non_null(c->srck);
-    f->w.now += MS_TO_NS(2 * 60 * 60 * 1000ULL); /* every key idle (as above) */
-    uint64_t r, start = f->w.now;
-    assert_int_equal(limits_take_msgs(f->d->lim, &c->srck->lim, 1, f->w.now, &r), 1);
-    f->w.now += MS_TO_NS(30 * 60 * 1000ULL);
-    enum sched_next what;
-    conn_ready(c, &what);
-    assert_int_not_equal(what, SCHED_NEXT_JOB); /* the source's token is spent */
-    assert_int_equal(dest_queued(a), 2);
-    unsigned before = f->resumed;
-    f->w.now = start + MS_TO_NS(60 * 60 * 1000ULL);
-    timer_run(&f->w.timers, f->w.now, NULL);
-    assert_int_equal(f->resumed, before + 1);
-    assert_non_null(c->job);
-    assert_ptr_equal(c->dest, a);
-    assert_int_equal(dest_queued(a), 1);
+    refused_then_an_hour_on(f, c, a, &c->srck->lim);
     fx_free(f);
 }
 
