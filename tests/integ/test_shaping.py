@@ -454,24 +454,18 @@ def test_operator_suspend_rate_and_bounce_everywhere():
         # a source no pool of a has: another node's address (a node's
         # sources are its own), suspended on every node with a note; it
         # was refused ("unknown source"). --local, a's alone, still is.
-        r = a.ask("suspend source=127.0.0.9 for=10m")
-        assert r["ok"] and r["cluster"] is True and "no pool of this node" in r["note"], r
-        wait_until(lambda: [x for x in b.actions() if x["scope"] == "source"
-                            and x["source"] == "127.0.0.9"] or None, 5,
-                   "the suspension of another node's source on node b")
-        assert "unknown source" in a.ask("suspend local source=127.0.0.9")["error"]
-        assert a.ask("resume source=127.0.0.9")["ok"]
-        wait_until(lambda: b.actions() == [], 10, "the resume of that source on node b")
-        # likewise a tenant neither config here names (a node added with a
-        # new tenant): it was refused ("unknown tenant"); --local still is
-        r = a.ask("suspend tenant=initech for=10m")
-        assert r["ok"] and r["cluster"] is True and "no such tenant" in r["note"], r
-        wait_until(lambda: [x for x in b.actions() if x["scope"] == "tenant"
-                            and x["tenant"] == "initech"] or None, 5,
-                   "the suspension of another node's tenant on node b")
-        assert "unknown tenant" in a.ask("suspend local tenant=initech")["error"]
-        assert a.ask("resume tenant=initech")["ok"]
-        wait_until(lambda: b.actions() == [], 10, "the resume of that tenant on node b")
+        # Likewise a tenant neither config here names (a node added with
+        # a new tenant): it was refused ("unknown tenant").
+        for scope, name, note in (("source", "127.0.0.9", "no pool of this node"),
+                                  ("tenant", "initech", "no such tenant")):
+            r = a.ask(f"suspend {scope}={name} for=10m")
+            assert r["ok"] and r["cluster"] is True and note in r["note"], r
+            wait_until(lambda: [x for x in b.actions() if x["scope"] == scope
+                                and x[scope] == name] or None, 5,
+                       f"the suspension of another node's {scope} on node b")
+            assert f"unknown {scope}" in a.ask(f"suspend local {scope}={name}")["error"]
+            assert a.ask(f"resume {scope}={name}")["ok"]
+            wait_until(lambda: b.actions() == [], 10, f"the resume of that {scope} on node b")
         # a rate action, listed with its rate on both nodes; mail goes on
         r = a.ask("shaping rate:5/s domain=y2.test for=10m")
         assert r["ok"] and r["action"]["rate"] == "5/s", r
