@@ -13,8 +13,7 @@
  * connections where 100 carried the mail, and the receivers' cost of the
  * second set took the second core's gain: bench/relay/bench_sites.py).
  * The move is made when the answer comes, before the domain's first
- * connection (a reload decides again for every domain, which may then
- * move with connections open: they finish their transactions): its claim in the
+ * connection: its claim in the
  * route table, then its answer and waiting jobs handed over in one
  * post. A later answer moves it again only when its site's worker
  * changed (dest_affinity); a domain idle long enough to be forgotten
@@ -29,25 +28,29 @@
  * other not). The mark lasts SITE_BUSY_MS after the site was last found
  * busy; the domains gathered before it stay.
  *
- * And only where no limit is split between the workers would be taken
- * whole by one (each worker holds a share of it, and a site gathered on
- * one worker would get one share; without [redis] an [mx] or [source]
- * section's rates are, its cap is the node's): mail without a pool (a pool's sources have
- * [source] limits), to MX hosts no [mx] section names, from a default
- * source no [source] section names; with [redis] url the limits are
- * Redis's, whole for every worker, so only the pool rule holds. The cap
- * per MX address is the node's, one count for every worker (site.h):
- * a site gathered on one worker may use all of it, and one whose cap is
- * full is not busy for that (another worker would find it full too).
+ * Not for mail through a pool: the route table holds one claim per
+ * domain, its mail's without a pool, and a domain's pool mail stays on
+ * the worker its name hashes to (delivery_worker_of); tls_relaxed mail
+ * follows the domain's claim and makes none. The domains under an [mx] section and
+ * mail from a default source a [source] section names are gathered like
+ * any other: the limits the workers share are whole for one worker. The
+ * cap per MX address is the node's, one count for every worker (site.h),
+ * and so is an [mx] or [source] section's max_connections (node_caps.h;
+ * with [redis], Redis's); the sections' rates are split between the
+ * workers, but a worker may borrow the parts of those that ask for none
+ * (node_cap_rate_take), so a site gathered on one worker gets the whole
+ * rate. (Until the node counted them, the sections' limits were split,
+ * and a site gathered on one worker got one worker's share: their
+ * domains stayed on their hash's worker, and each worker opened its own
+ * set of connections to the same MX hosts.) A site whose cap is full is
+ * not busy for that (another worker would find it full too).
  *
  * Threading: the worker's thread.
  */
 #include <stdbool.h>
 #include <strings.h>
-#include <sys/socket.h>
 
 #include "common/hash.h"
-#include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
 
@@ -81,27 +84,6 @@ site_mark_busy(const struct dest *t)
         d->ops->site_busy(d, site_host(t->mx));
 }
 
-/* May t's domain be gathered on its site's worker? (See above.) */
-static bool
-dest_may_gather(const struct dest *t)
-{
-    const struct config *cfg = t->d->e->cfg;
-    if (t->pool != 0 || t->tls_relaxed)
-        return false;
-    if (cfg->redis.url != NULL)
-        return true;
-    if (cfg->nmxs != 0 && config_mx(cfg, t->mx->hosts[0].name) != NULL)
-        return false;
-    const struct delivery_config *dc = &cfg->delivery;
-    if (cfg->nsources != 0 &&
-        ((dc->source4.ss_family != AF_UNSPEC &&
-          config_source(cfg, (const struct sockaddr *)&dc->source4) != NULL) ||
-         (dc->source6.ss_family != AF_UNSPEC &&
-          config_source(cfg, (const struct sockaddr *)&dc->source6) != NULL)))
-        return false;
-    return true;
-}
-
 /* Is t's domain another worker's now? Then its waiting jobs go there. */
 bool
 dest_elsewhere(struct dest *t)
@@ -120,12 +102,12 @@ dest_elsewhere(struct dest *t)
 /* t has a new answer: where its domain belongs. The first names its
  * site: the domain is claimed for the site's worker and, if that is
  * another, moves there (its jobs handed over). A later one moves it
- * again only if it changed the site's worker (its MX hosts changed) or
- * the domain may no longer be gathered (a reload gave its host an [mx]
- * section): this worker's claim goes, and a new one is made, or the
- * domain goes back to its hash's worker. True when t's jobs moved. A
- * pool's destination is where the domain's name hashes (pool mail is not
- * gathered); a tls_relaxed one follows the domain's claim and makes none. */
+ * again only if it changed the site's worker (its MX hosts changed):
+ * this worker's claim goes, and a new one is made; an answer without
+ * hosts sends the domain back to its hash's worker. True when t's jobs
+ * moved. A pool's destination is where the domain's name hashes (pool
+ * mail is not gathered); a tls_relaxed one follows the domain's claim
+ * and makes none. */
 bool
 dest_affinity(struct dest *t)
 {
@@ -135,7 +117,7 @@ dest_affinity(struct dest *t)
     t->affinity_for = t->mx;
     if (t->pool != 0 || t->tls_relaxed)
         return false;
-    bool may = t->mx->nhosts > 0 && dest_may_gather(t);
+    bool may = t->mx->nhosts > 0;
     const char *host = may ? site_host(t->mx) : NULL;
     unsigned w = may ? site_worker(t->mx, d->e->nworkers) : d->w->id;
     if (may && w == d->w->id)

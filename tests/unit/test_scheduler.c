@@ -3536,6 +3536,27 @@ worker_of_host(const char *mx)
     return (unsigned)(hash_str_nocase(mx) % 2);
 }
 
+/* The k-th (k < 4) of the names mxN.hoster.test whose site is worker w's. */
+static const char *
+host_of_worker(unsigned w, unsigned k)
+{
+    static char names[2][4][32];
+    unsigned found = 0;
+    for (unsigned i = 0; i < 64; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "mx%u.hoster.test", i);
+        if (worker_of_host(name) != w)
+            continue;
+        if (found == k) {
+            snprintf(names[w][k], sizeof(names[w][k]), "%s", name);
+            return names[w][k];
+        }
+        found++;
+    }
+    fail_msg("no name %u of worker %u", k, w);
+    return NULL;
+}
+
 /* Without [redis] an [mx] section's rates and bursts are split between
  * the workers, and the parts add up to the section's: a burst of 5 is 3
  * and 2, a rate of 3/min is 3 per 2 min on each (1/min each before).
@@ -3689,26 +3710,39 @@ affinity_site_worker_ignores_order(void **state)
     }
 }
 
-/* Not where a limit is split between the workers: an [mx] section names
- * the host (each worker holds a share of its limits), or the mail goes
- * through a pool (its sources' [source] limits). Such a domain stays on
- * its hash's worker and claims nothing. */
+/* Under an [mx] section, or from a default source a [source] section
+ * names, a domain is gathered on its site's worker as any other: without
+ * [redis] the section's cap is the node's and one worker may take its
+ * whole rate (node_caps.h). (They stayed on their hash's worker while the
+ * sections' limits were split, and each worker opened its own set of
+ * connections to the same MX hosts.) Mail through a pool is not: the
+ * route table claims a domain for its mail without a pool, and its pool
+ * mail stays on its hash's worker and claims nothing. */
 static void
-affinity_not_where_limits_are_shared(void **state)
+affinity_under_mx_and_source_sections_not_for_pools(void **state)
 {
     (void)state;
-    unsigned other = 1 - worker_of_host(MX1[0]);
-    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
-                                  "[mx *.hoster.test]\nmax_connections = 4\n",
-                                  other);
-    submit("a.test", 1);
-    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    assert_int_equal(f->nclaimed, 0);
-    assert_int_equal(f->handed, 0);
-    assert_int_equal(f->opened, 1);
-    fx_free(f);
+    unsigned site_w = worker_of_host(MX1[0]);
+    static const char *const confs[] = {
+        "[delivery]\nallow_networks = 127.0.0.0/8\n"
+        "[mx *.hoster.test]\nmax_connections = 4\nmax_message_rate = 10/s\n",
+        "[delivery]\nallow_networks = 127.0.0.0/8\nsource_address = 198.51.100.2\n"
+        "[source 198.51.100.2]\nmax_connections = 4\nmax_message_rate = 10/s\n",
+    };
+    for (unsigned k = 0; k < 2; k++) {
+        struct fx *f = fx_two_workers(confs[k], 1 - site_w);
+        submit("a.test", 1);
+        answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+        assert_int_equal(f->nclaimed, 1);
+        assert_string_equal(f->claimed[0], "a.test");
+        assert_int_equal(f->claimed_by[0], site_w);
+        assert_int_equal(f->handed, 1);
+        assert_int_equal(f->handed_to, site_w);
+        assert_int_equal(f->opened, 0);
+        fx_free(f);
+    }
 
-    f = fx_two_workers(POOLS, other);
+    struct fx *f = fx_two_workers(POOLS, 1 - site_w);
     submit_pool("a.test", 1, "bulk");
     answer_pool("a.test", "bulk", MX1, A1, 1);
     assert_int_equal(f->nclaimed, 0);
@@ -4818,7 +4852,8 @@ fx_node_caps(struct fx *f)
  * one slot; b.test, of another site, opens one on the other worker's
  * part; c.test, of a third, is refused a connection by the rate, not the
  * cap (2 slots free): it waits for its timer, and a's idle connection
- * stays (a.test's next message rides it). Taken for a full cap, the
+ * stays (a.test's next message rides it). (The three sites are this
+ * worker's: their domains are gathered here.) Taken for a full cap, the
  * refusal had it quit for c.test (limit_wanted), which could not open
  * one anyway: a.test's next mail waited for the rate too. */
 static void
@@ -4831,8 +4866,9 @@ mx_node_cap_rate_refusal_kicks_no_idle_holder(void **state)
                                   "max_connection_rate = 1/h\n",
                                   0);
     struct node_caps *nc = fx_node_caps(f);
+    const char *h[3] = {host_of_worker(0, 0), host_of_worker(0, 1), host_of_worker(0, 2)};
     submit("a.test", 1);
-    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    answer("a.test", DNS_OK, h, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->opened, 1);
     struct conn *ca = f->open[0];
     assert_true(limits_key_node_wide(&ca->mxk->lim));
@@ -4844,10 +4880,10 @@ mx_node_cap_rate_refusal_kicks_no_idle_holder(void **state)
     assert_int_equal(what, SCHED_NEXT_IDLE);
     assert_true(ca->idle_poll); /* a slot of a cap counted for the node */
     submit("b.test", 1);
-    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    answer("b.test", DNS_OK, h + 1, (unsigned[]){10}, A1 + 1, 1);
     assert_int_equal(f->opened, 2); /* the other worker's part, lent */
     submit("c.test", 1);
-    answer("c.test", DNS_OK, MX1 + 2, (unsigned[]){10}, A1 + 2, 1);
+    answer("c.test", DNS_OK, h + 2, (unsigned[]){10}, A1 + 2, 1);
     struct dest *c = dest_get(f->d, "c.test");
     assert_int_equal(f->opened, 2); /* the rate's: both parts spent */
     assert_int_equal(node_cap_conns(node_cap_get(nc, "mx:*.hoster.test")), 2);
@@ -4953,7 +4989,7 @@ main(void)
         cmocka_unit_test(mx_limits_split_between_the_workers_add_up),
         cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
         cmocka_unit_test(affinity_site_worker_ignores_order),
-        cmocka_unit_test(affinity_not_where_limits_are_shared),
+        cmocka_unit_test(affinity_under_mx_and_source_sections_not_for_pools),
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
         cmocka_unit_test(affinity_husk_goes_at_the_next_sweep),
         cmocka_unit_test(site_rests_with_a_failed_domain),
