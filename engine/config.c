@@ -1116,7 +1116,7 @@ config_reference(FILE *out)
                  "(that host). They hold on top of each domain's own; the first matching "
                  "section wins. With [redis] url they hold across all nodes; without, the "
                  "rates and bursts are split between the workers, the parts adding up to "
-                 "the whole (the domains behind one MX are spread over the workers), a "
+                 "the whole (the sites one section covers are spread over the workers), a "
                  "worker with no token left in its part taking one of a part that its "
                  "worker has asked for none of lately (so a domain alone gets the whole "
                  "rate), and max_connections is the node's, counted for every worker: a domain (whose "

@@ -328,9 +328,10 @@ static const struct conf_key delivery_keys[] = {
      "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "
      "affinity), which may hold the whole cap; not the domains of a site "
      "that has 20 connections there (busy: for 10 minutes, its new "
-     "domains are sent from every worker), of an [mx] or [source] section's limits (without "
-     "[redis], their rates are split between the workers), nor mail through a pool: they stay on "
-     "the worker their name hashes to",
+     "domains are sent from every worker), nor mail through a pool: they stay on "
+     "the worker their name hashes to. Domains under an [mx] or [source] section's limits are "
+     "gathered too (without [redis] its cap is the node's and one worker may take its whole "
+     "rate)",
      NULL},
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
      "networks (CIDR, comma-separated, at most 32) that may be delivered to although they are "
