@@ -823,10 +823,10 @@ def test_mx_section_added_by_reload_caps_open_connections():
         assert left > 0, "all delivered before the check: nothing tested"
         assert peak <= 2, f"{peak} connections at the receiver after a reload added a cap of 2"
         # Without [redis] the [mx] cap is the node's (engine/node_caps.h):
-        # the domain's mail goes from one worker (the reload moved it back
-        # to the worker its name hashes to: an [mx] section's domains are
-        # not gathered), which may hold both slots. (Split between the two
-        # workers, as it was, its part was 1: 10/s once capped.)
+        # the domain's mail goes from one worker (its site's, which the
+        # reload does not change), which may hold both slots. (Split
+        # between the two workers, as it was, its part was 1: 10/s once
+        # capped.)
         times = wait_delivered(c.nodes, n, timeout=120)
         assert len(times) == n, f"{len(times)} deliveries for {n} messages"
         assert len(c.mx.times()) == n, f"{len(c.mx.times())} MAIL commands at the receiver"
@@ -950,24 +950,42 @@ def owner(domain, workers=2):
     return h % workers
 
 
-def four_domains(prefix):
-    """Four domains, two owned by each of sluice's two workers."""
+def site_owner(host, workers=2):
+    """The worker a site whose first MX host is host is sent from (site
+    affinity: engine/outbound/affinity.c site_worker, the 64-bit FNV-1a of
+    the host's name)."""
+    h = 14695981039346656037
+    for ch in host.lower().encode():
+        h = ((h ^ ch) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h % workers
+
+
+def four_domains(prefix, worker_of=owner):
+    """Four domains, two on each of sluice's two workers, as worker_of
+    says (by default the worker their name hashes to, where a domain
+    stays until its MX answer names its site)."""
     doms, want, i = [], {0: 2, 1: 2}, 0
     while len(doms) < 4:
         d = f"{prefix}{i}.test"
-        if want[owner(d)] > 0:
-            want[owner(d)] -= 1
+        if want[worker_of(d)] > 0:
+            want[worker_of(d)] -= 1
             doms.append(d)
         i += 1
     return doms
 
 
-def shared_limit(doms, records, conf, what):
+def connected_threads(node):
+    return {ln.split(" thread=")[1].split()[0] for ln in node.d.lines
+            if "event=connected" in ln}
+
+
+def shared_limit(doms, records, conf, what, workers):
     """160 messages over unlimited domains doms under one shared limit of
-    30/s (burst 2) and 2 connections given by conf: together they stay
-    within it, and get it. Without Redis each of the 2 workers holds half
-    of the rate (15/s with a burst of 1), and lends it while it asks for
-    none; the cap is the node's (engine/node_caps.h)."""
+    30/s (burst 2) and 2 connections given by conf, sent from workers of
+    the node's two workers (their sites'): together they stay within it,
+    and get it. Without Redis each of the 2 workers holds half of the
+    rate (15/s with a burst of 1), and lends it while it asks for none;
+    the cap is the node's (engine/node_caps.h)."""
     wd = Workdir("sluice-shared-")
     dns = mx = node = None
     try:
@@ -990,6 +1008,8 @@ def shared_limit(doms, records, conf, what):
         peak_conns = sampler.stop()
         check_rate(times(), mx.times(), 30, 30 + 2 + 2, what)
         assert peak_conns <= 2, f"{what}: {peak_conns} connections, cap 2"
+        threads = connected_threads(node)
+        assert len(threads) == workers, f"{what}: connections from {sorted(threads)}"
         assert node.d.stop_clean() == 0
     finally:
         if node is not None and node.d.proc.poll() is None:
@@ -1003,12 +1023,21 @@ def shared_limit(doms, records, conf, what):
 
 
 def test_mx_pattern_limits_across_domains():
-    """[mx *.bigmail.test]: four domains whose MX is under bigmail.test."""
+    """[mx *.bigmail.test]: four domains whose MX is under bigmail.test,
+    two sites (two MX hosts) of two domains each, one on each worker (a
+    site's domains are gathered on its worker: one site would be sent
+    from one)."""
     doms = four_domains("big")
-    shared_limit(doms, ["host-record=mx1.bigmail.test,127.0.0.1"] +
-                 [f"mx-host={d},mx1.bigmail.test,10" for d in doms],
+    hosts = {}
+    i = 0
+    while len(hosts) < 2:
+        hosts.setdefault(site_owner(f"mx{i}.bigmail.test"), f"mx{i}.bigmail.test")
+        i += 1
+    recs = [f"host-record={h},127.0.0.1" for h in hosts.values()]
+    recs += [f"mx-host={d},{hosts[k % 2]},10" for k, d in enumerate(doms)]
+    shared_limit(doms, recs,
                  "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
-                 "max_connections = 2\n", "mx *.bigmail.test 30/s")
+                 "max_connections = 2\n", "mx *.bigmail.test 30/s", 2)
 
 
 def test_mx_pattern_limits_whole_for_one_domain():
@@ -1021,7 +1050,7 @@ def test_mx_pattern_limits_whole_for_one_domain():
     shared_limit(doms, ["host-record=mx1.bigmail.test,127.0.0.1"] +
                  [f"mx-host={d},mx1.bigmail.test,10" for d in doms],
                  "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
-                 "max_connections = 2\n", "mx *.bigmail.test 30/s, one domain")
+                 "max_connections = 2\n", "mx *.bigmail.test 30/s, one domain", 1)
 
 
 def test_mx_section_caps_recipients_and_messages():
@@ -1044,16 +1073,17 @@ def test_mx_section_caps_recipients_and_messages():
 
 
 def test_source_address_limits_across_domains():
-    """[source 127.0.0.1]: four domains with MX hosts of their own, all
-    reached from the one source address."""
-    doms = four_domains("src")
+    """[source 127.0.0.1]: four domains with MX hosts of their own (four
+    sites, two on each worker), all reached from the one source
+    address."""
+    doms = four_domains("src", lambda d: site_owner(f"mx.{d}"))
     recs = []
-    for k, d in enumerate(doms):
-        recs += [f"host-record=mx{k}.{d},127.0.0.1", f"mx-host={d},mx{k}.{d},10"]
+    for d in doms:
+        recs += [f"host-record=mx.{d},127.0.0.1", f"mx-host={d},mx.{d},10"]
     shared_limit(doms, recs,
                  "[delivery]\nsource_address = 127.0.0.1\n"
                  "[source 127.0.0.1]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
-                 "max_connections = 2\n", "source 127.0.0.1 30/s")
+                 "max_connections = 2\n", "source 127.0.0.1 30/s", 2)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,34 @@ def test_a_site_is_sent_from_one_worker():
         r.close()
 
 
+def test_a_site_under_an_mx_cap_is_sent_from_one_worker():
+    """20 domains behind one MX host under [mx mx.test] max_connections =
+    4, without [redis], at a slow receiver: they are gathered on the
+    site's worker as any site's are, so the host sees one worker's
+    connections, and the cap, the node's, holds: never more than 4 at
+    once, and that worker takes all 4. Before, an [mx] section's domains
+    stayed on the worker their name hashes to (its limits were split
+    between the workers), and each worker opened its own set."""
+    doms = [f"d{i}.test" for i in range(20)]
+    r = Relay(records_for(doms), sink_flags=["-w", "1"],
+              domain_conf=stats_conf() + "[delivery]\ninitial_connections = 8\n"
+              "[mx mx.test]\nmax_connections = 4\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        body = b"Subject: t\r\n\r\nmx cap\r\n"
+        msgs = [("s@example.com", [f"u{k}@{d}"], body) for k in range(2) for d in doms]
+        r.inject(msgs, sessions=4)
+        r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
+        most = s.stop()
+        threads = connected_threads(r)
+        assert len(threads) == 1, f"the site's connections came from {sorted(threads)}"
+        assert most == 4, f"{most} connections at once under the [mx] cap of 4"
+        st = ctl_json(r, "stats")
+        assert st["connections"]["handed_over"] > 0, st["connections"]
+    finally:
+        r.close()
+
+
 def test_a_busy_site_is_sent_from_every_worker():
     """A site with 20 connections on its worker (SITE_BUSY_CONNS: 20
     messages of one domain, 20 connections to start, a receiver that
@@ -200,16 +228,36 @@ def test_one_domain_has_the_whole_mx_cap():
                                   "under the [mx] cap").close()
 
 
+def site_worker(host, workers=2):
+    """The worker a site whose first MX host is host is sent from (site
+    affinity: engine/outbound/affinity.c site_worker, the 64-bit FNV-1a of
+    the host's name)."""
+    h = 14695981039346656037
+    for ch in host.lower().encode():
+        h = ((h ^ ch) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h % workers
+
+
+def two_sites_on_both_workers(n):
+    """n domains on mxa.test and n on mxb.test (one address), two sites
+    sent from the two workers (mxa.test is worker 1's, mxb.test worker
+    0's): the records and the domains."""
+    assert site_worker("mxa.test") != site_worker("mxb.test")
+    da = [f"a{i}.test" for i in range(n)]
+    db = [f"b{i}.test" for i in range(n)]
+    return records_for(da, "mxa.test") + records_for(db, "mxb.test"), da + db
+
+
 def test_workers_under_one_mx_cap_share_it():
-    """Domains an [mx mx.test] cap of 4 applies to are sent from both
-    workers (an [mx] section's domains stay on their name's worker), at
-    a slow receiver: the node holds no more than 4 connections there at
+    """Domains an [mx *.test] cap of 4 applies to are sent from both
+    workers (two sites, mxa.test and mxb.test, one on each worker), at a
+    slow receiver: the node holds no more than 4 connections there at
     any moment, and each worker gets some (its floor, 2, when it
     wants it), however many the first to start took."""
-    doms = [f"d{i}.test" for i in range(20)]
-    r = Relay(records_for(doms), sink_flags=["-w", "1"],
+    recs, doms = two_sites_on_both_workers(10)
+    r = Relay(recs, sink_flags=["-w", "1"],
               domain_conf="[delivery]\ninitial_connections = 4\n"
-              "[mx mx.test]\nmax_connections = 4\n")
+              "[mx *.test]\nmax_connections = 4\n")
     try:
         s = Sampler(r.mx_port, r.d.proc.pid)
         body = b"Subject: t\r\n\r\nshare\r\n"
@@ -224,9 +272,9 @@ def test_workers_under_one_mx_cap_share_it():
 
 
 def test_workers_sharing_a_full_address_keep_their_connections():
-    """A site sent from both workers (an [mx] section names its host: no
-    site affinity), its address cap full (4, a share of 2 each) with mail
-    coming for both: a connection with nothing left for its own worker
+    """An address sent to from both workers (two sites on it, mxa.test and
+    mxb.test, one on each worker), its cap full (4, a share of 2 each)
+    with mail coming for both: a connection with nothing left for its own worker
     idles on its slot rather than give it to the other worker, unless its
     worker holds more than its share and the other less. Before, it gave
     it whenever the other wanted one; the other then held more than its
@@ -234,10 +282,10 @@ def test_workers_sharing_a_full_address_keep_their_connections():
     idle one back, and so on: 1,000 messages opened 217 to 423
     connections to the address (4 runs) instead of 4 or 5 (up to 10 under
     ASan with two busy loops beside it)."""
-    doms = [f"d{i}.test" for i in range(40)]
-    r = Relay(records_for(doms),
+    recs, doms = two_sites_on_both_workers(20)
+    r = Relay(recs,
               domain_conf="[delivery]\nmax_connections_per_address = 4\n"
-              "initial_connections = 4\n[mx mx.test]\nmax_connections = 0\n")
+              "initial_connections = 4\n")
     try:
         s = Sampler(r.mx_port, r.d.proc.pid)
         body = b"Subject: t\r\n\r\nshare\r\n"
@@ -247,7 +295,7 @@ def test_workers_sharing_a_full_address_keep_their_connections():
         most = s.stop()
         opened = r.d.count_log("event=connected")
         assert most <= 4, f"{most} connections at once to one address (cap 4)"
-        assert len(connected_threads(r)) == 2, "the site was not sent from both workers"
+        assert len(connected_threads(r)) == 2, "the address was not sent to from both workers"
         assert opened <= 30, f"{opened} connections opened for {len(msgs)} messages (cap 4)"
     finally:
         r.close()
@@ -284,14 +332,17 @@ def test_two_sites_under_one_mx_cap_keep_their_connections():
 
 def test_a_domain_waiting_for_an_mx_cap_takes_an_idle_holders_slot():
     """a.test (on mxa.test) sends one message and its connection goes idle
-    on the slot of an [mx *.test] cap of 1 while nobody waits; then ten domains of another site (mxb.test) have
-    mail. Those on a.test's worker are refused by the cap: the idle
+    on the slot of an [mx *.test] cap of 1 while nobody waits; then ten
+    domains of another site on a.test's worker (its host picked so) have
+    mail. They are refused by the cap: the idle
     connection gives its slot at once, as it would have had they waited
     when it went idle. Before, it kept it to the end of idle_timeout (60 s
     here; 5 s by default: the last domains of a campaign under a shared
     cap came 5 s after the rest)."""
     db = [f"b{i}.test" for i in range(10)]
-    r = Relay(records_for(["a.test"], "mxa.test") + records_for(db, "mxb.test"),
+    mxb = next(h for h in (f"mxb{i}.test" for i in range(64))
+               if site_worker(h) == site_worker("mxa.test"))
+    r = Relay(records_for(["a.test"], "mxa.test") + records_for(db, mxb),
               idle_timeout="60s",
               domain_conf="[mx *.test]\nmax_connections = 1\n")
     try:
@@ -827,7 +878,8 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
-          test_a_site_is_sent_from_one_worker, test_a_busy_site_is_sent_from_every_worker,
+          test_a_site_is_sent_from_one_worker, test_a_site_under_an_mx_cap_is_sent_from_one_worker,
+          test_a_busy_site_is_sent_from_every_worker,
           test_one_domain_has_the_whole_address_cap, test_one_domain_has_the_whole_mx_cap,
           test_workers_under_one_mx_cap_share_it,
           test_workers_sharing_a_full_address_keep_their_connections,
