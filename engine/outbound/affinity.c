@@ -7,9 +7,11 @@
  * With several workers, a domain starts on the worker its name hashes to
  * (delivery_worker_of). Once its MX answer names its site, the domain
  * moves to the site's worker (a hash of the site's first MX host: the
- * least name of the best preference), so that every domain of a site is
- * sent from one worker and each MX address sees one worker's connections,
- * not one set per worker (over 100 MX hosts, two workers held 200
+ * least name of the best preference, or the pattern of the [mx] section
+ * with rollup = yes that rolls that host up, site_host), so that every
+ * domain of a site is sent from one worker and each MX address sees one
+ * worker's connections, not one set per worker (over 100 MX hosts, two
+ * workers held 200
  * connections where 100 carried the mail, and the receivers' cost of the
  * second set took the second core's gain: bench/relay/bench_sites.py).
  * The move is made when the answer comes, before the domain's first
@@ -54,24 +56,29 @@
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
 
-/* The MX host that names a site for affinity: the least name of the best
- * preference, whatever order the answer lists them in. */
+/* The name of t's site for affinity: the least MX host name of the best
+ * preference, whatever order the answer lists them in; or, when an [mx]
+ * section with rollup = yes rolls that host up, the section's pattern,
+ * so that the domains it makes one site (each with an MX host name of
+ * its own, Microsoft 365's shape) are gathered on one worker too. */
 static const char *
-site_host(const struct dns_mx_result *mx)
+site_host(const struct dest *t)
 {
-    const char *best = mx->hosts[0].name;
+    const struct dns_mx_result *mx = t->mx;
+    const struct dns_mx_host *best = &mx->hosts[0];
     for (unsigned i = 1; i < mx->nhosts && mx->hosts[i].preference == mx->hosts[0].preference;
          i++)
-        if (strcasecmp(mx->hosts[i].name, best) < 0)
-            best = mx->hosts[i].name;
-    return best;
+        if (strcasecmp(mx->hosts[i].name, best->name) < 0)
+            best = &mx->hosts[i];
+    const char *rollup = site_rollup_name(t->d->e->cfg, best);
+    return rollup != NULL ? rollup : best->name;
 }
 
 /* The worker of t's site, from its answer. */
 static unsigned
-site_worker(const struct dns_mx_result *mx, unsigned workers)
+site_worker(const struct dest *t, unsigned workers)
 {
-    return (unsigned)(hash_str_nocase(site_host(mx)) % workers);
+    return (unsigned)(hash_str_nocase(site_host(t)) % workers);
 }
 
 /* A site busier than one worker's share of it: its domains are no longer
@@ -81,7 +88,7 @@ site_mark_busy(const struct dest *t)
 {
     struct delivery *d = t->d;
     if (d->ops->site_busy != NULL && t->pool == 0 && t->mx != NULL && t->mx->nhosts > 0)
-        d->ops->site_busy(d, site_host(t->mx));
+        d->ops->site_busy(d, site_host(t));
 }
 
 /* Is t's domain another worker's now? Then its waiting jobs go there. */
@@ -118,8 +125,8 @@ dest_affinity(struct dest *t)
     if (t->pool != 0 || t->tls_relaxed)
         return false;
     bool may = t->mx->nhosts > 0;
-    const char *host = may ? site_host(t->mx) : NULL;
-    unsigned w = may ? site_worker(t->mx, d->e->nworkers) : d->w->id;
+    const char *host = may ? site_host(t) : NULL;
+    unsigned w = may ? site_worker(t, d->e->nworkers) : d->w->id;
     if (may && w == d->w->id)
         return false; /* its hash's worker, or claimed for this one already */
     d->ops->unclaim(d, t->name);

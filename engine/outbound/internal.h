@@ -881,6 +881,9 @@ bool detour_no_room(struct dest *t);
 
 /* ---- outbound/site_share.c: a site's connections shared by its domains ---- */
 
+/* The pattern of the [mx] section with rollup = yes that stands for MX
+ * host h in a site's key (site_share.c), NULL when none does. */
+const char *site_rollup_name(const struct config *cfg, const struct dns_mx_host *h);
 /* t joins the site its answer names (once per answer; MX rollup). */
 void dest_site(struct dest *t);
 /* The TLS a connection to MX host mx must be opened under to carry t's

@@ -56,6 +56,12 @@ rollup_alias(const void *arg, const struct dns_mx_host *h)
     return rollup_may(h) ? rollup_pattern(arg, h->name) : NULL;
 }
 
+const char *
+site_rollup_name(const struct config *cfg, const struct dns_mx_host *h)
+{
+    return rollup_alias(cfg, h);
+}
+
 void
 dest_want_remove(struct dest *t)
 {

@@ -463,12 +463,14 @@ def test_mx_rollup_shares_connections_across_host_names():
     mail.protection.outlook.com), all on one server. Without rollup each
     domain is a site of its own and opens its own connections (20 at
     least); with [mx *.prot.test] rollup = yes they are one site and share
-    them (the delivery log then names the host each connection went to)."""
+    them (the delivery log then names the host each connection went to),
+    sent from one worker: the pattern's (site affinity), where each
+    domain went to its own host's before, a rollup site on each worker."""
     doms = [f"d{i}.test" for i in range(20)]
     recs = own_name_records(doms)
     msgs = [("s@example.com", [f"u{k}@{d}"], b"Subject: t\r\n\r\nrollup\r\n")
             for k in range(5) for d in doms]
-    opened = {}
+    opened, threads = {}, {}
     for rollup in ("no", "yes"):
         # the address's cap bounds the shared connections whatever the
         # window grows to on a loaded machine
@@ -478,10 +480,12 @@ def test_mx_rollup_shares_connections_across_host_names():
             r.inject(msgs, sessions=4)
             r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
             opened[rollup] = r.d.count_log("event=connected")
+            threads[rollup] = connected_threads(r)
         finally:
             r.close()
     assert opened["no"] >= len(doms), opened
     assert opened["yes"] <= 8, opened
+    assert len(threads["yes"]) == 1, f"the rollup's connections came from {threads}"
 
 
 def test_sites_sharing_a_full_address_pass_its_slots_on():

@@ -3636,6 +3636,31 @@ affinity_moves_a_domain_to_its_sites_worker(void **state)
     fx_free(f);
 }
 
+/* Under an [mx] section with rollup = yes, domains whose own MX host
+ * names hash to either worker are one site: each is claimed for the
+ * worker the section's pattern hashes to. Before, each went to its own
+ * host's worker, and the rollup was a site on each worker, with its own
+ * connections there. */
+static void
+affinity_gathers_a_rollup_on_its_patterns_worker(void **state)
+{
+    (void)state;
+    unsigned pw = worker_of_host("*.hoster.test");
+    for (unsigned hw = 0; hw < 2; hw++) {
+        const char *host[] = {host_of_worker(hw, 0)};
+        struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                      "[mx *.hoster.test]\nrollup = yes\n",
+                                      1 - pw);
+        submit("a.test", 1);
+        answer("a.test", DNS_OK, host, (unsigned[]){10}, A1, 1);
+        assert_int_equal(f->nclaimed, 1);
+        assert_int_equal(f->claimed_by[0], pw);
+        assert_int_equal(f->handed, 1);
+        assert_int_equal(f->opened, 0);
+        fx_free(f);
+    }
+}
+
 /* The destination a domain leaves behind when it moves holds nothing
  * but its answer: it goes at the next sweep, not after the idle time
  * (10 minutes by default), and the claim it made stays. Mail that still
@@ -4988,6 +5013,7 @@ main(void)
         cmocka_unit_test(pool_sends_to_a_v4_mapped_address_over_ipv4),
         cmocka_unit_test(mx_limits_split_between_the_workers_add_up),
         cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
+        cmocka_unit_test(affinity_gathers_a_rollup_on_its_patterns_worker),
         cmocka_unit_test(affinity_site_worker_ignores_order),
         cmocka_unit_test(affinity_under_mx_and_source_sections_not_for_pools),
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
