@@ -571,7 +571,8 @@ struct queue_counts {
     uint64_t ready;    /* recipients */
     uint64_t deferred; /* recipients */
     /* Per domain only (zero in the totals): */
-    uint64_t oldest_ms; /* queue_id_time_ms() of its oldest recipient, ready or deferred */
+    uint64_t oldest_ms; /* queue_id_time_ms() of its oldest recipient, ready or deferred,
+                         * a held one (QUEUE_TAG_HELD) left out: it waits for no try */
     uint64_t deferred_by_tag[QUEUE_TAGS]; /* its deferred recipients by their last
                                            * outcome's tag ([0]: none, e.g. stored
                                            * by an earlier version) */

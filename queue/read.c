@@ -732,8 +732,13 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
         } else {
             slot->c.ready++;
         }
+        /* A held recipient's outcome is final (QUEUE_TAG_HELD): it waits
+         * for its message's report, not for its domain, whose oldest
+         * waiting recipient it is not (a domain all of whose mail failed
+         * would look stuck for as long as the hold lasts). */
+        bool held = h.state == QUEUE_RCPT_DEFERRED && h.tag == QUEUE_TAG_HELD;
         uint64_t at = k.mv_size >= 8 ? queue_id_time_ms(key_u64(k.mv_data)) : 0;
-        if (at != 0 && (slot->c.oldest_ms == 0 || at < slot->c.oldest_ms))
+        if (!held && at != 0 && (slot->c.oldest_ms == 0 || at < slot->c.oldest_ms))
             slot->c.oldest_ms = at;
     }
     scan_end(&s);
