@@ -388,6 +388,17 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         return NULL;
     }
     if (!c->slot_yielded &&
+        site_addr_over(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address)) {
+        /* Over max_connections_per_address (a reload lowered it): as
+         * over a domain's max_connections above, the extra connections
+         * end after their transaction; while mail flowed they carried it
+         * past the lowered cap for as long as it lasted. */
+        c->slot_yielded = true; /* counted as going there until it ends */
+        c->quit_why = "max_connections_per_address";
+        *what = SCHED_NEXT_QUIT;
+        return NULL;
+    }
+    if (!c->slot_yielded &&
         site_addr_yield(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address,
                         d->w->now)) {
         c->slot_yielded = true; /* counted as yielding there until it ends */

@@ -280,6 +280,13 @@ unsigned site_addr_floor(const struct sites *s, unsigned cap);
  * worker). True counts it as yielding until its site_addr_give (with
  * yielded true): the caller's connection must then end. */
 bool site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64_t now);
+/* A connection holding slot x should end after its transaction: more
+ * connections are open at its address, from every worker, than cap
+ * (a reload lowered it: the cap holds at the take only) once those
+ * already told to go have gone. True counts it as yielding until its
+ * site_addr_give (with yielded true): the caller's connection must then
+ * end. */
+bool site_addr_over(const struct sites *s, struct site_addr *x, unsigned cap);
 /* The slot given back (x NULL: nothing); yielded: site_addr_yield or
  * site_addr_wanted had told its connection to end (*yielded). */
 void site_addr_give(const struct sites *s, struct site_addr *x, bool yielded);

@@ -33,6 +33,9 @@
  * and opened again for nothing (four workers, a cap of 8: six ended for
  * two wanted). A worker at or below its floor keeps its slots: given to
  * a worker past its own, they would be wanted back at once.
+ * A cap lowered by a reload holds at the take only: a connection that
+ * finds its address over it, those already going counted, ends after its
+ * transaction too (site_addr_over), counted as yielding until it has.
  * Each entry keeps every worker's count, yielding count and want; the
  * holders read them through their own entry with no lock (atomics: read
  * a little late, they cost one idle connection a little longer), and a
@@ -297,6 +300,37 @@ site_addr_yield(const struct sites *s, struct site_addr *x, unsigned cap, uint64
         atomic_fetch_add_explicit(&x->w[me(s)].yielding, 1, memory_order_relaxed);
     pthread_mutex_unlock(&s->addrs->stripe[k].lock);
     return due;
+}
+
+/* Every worker's connections there told to end (yielding), read
+ * without the lock. */
+static unsigned
+going_all(const struct sites *s, const struct site_addr *x)
+{
+    unsigned going = 0;
+    for (unsigned v = 0; v < s->addrs->workers; v++)
+        going += atomic_load_explicit(&x->w[v].yielding, memory_order_relaxed);
+    return going;
+}
+
+bool
+site_addr_over(const struct sites *s, struct site_addr *x, unsigned cap)
+{
+    if (x == NULL || cap == 0)
+        return false;
+    /* the common case, with no lock: under the cap */
+    if (atomic_load_explicit(&x->conns, memory_order_relaxed) <= cap + going_all(s, x))
+        return false;
+    /* Over it: decided under the stripe's lock, so that connections of
+     * two workers finishing their transactions together do not both go
+     * for one connection too many. */
+    unsigned k = stripe_of(x->node.hash);
+    pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    bool over = atomic_load_explicit(&x->conns, memory_order_relaxed) > cap + going_all(s, x);
+    if (over)
+        atomic_fetch_add_explicit(&x->w[me(s)].yielding, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+    return over;
 }
 
 int

@@ -3,6 +3,8 @@ new one can, sessions already open keep the table they began with, and a
 broken file is refused with the old table kept. It also reloads the
 config: a domain's new rate limit takes effect with no connection dropped,
 what needs a restart is reported as kept, and a broken config is refused.
+A lowered max_connections_per_address ends the connections over it after
+their transaction.
 A reload keeps little memory: 50 of them, with mail coming in between,
 grow sluice's resident memory by a few MB at most (each kept about 280 KB
 before: the built-in bounce rules and the shaping rules, compiled again
@@ -15,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from harness import Sluice, Smtp, Workdir, free_port, main, run, stats_ask
 
@@ -176,6 +179,58 @@ def test_sighup_reloads_domain_limits():
         assert r.d.count_log(f"sluice.conf:{n + 2}: max_connections:") == 1
         assert r.d.count_log(f"sluice.conf:{n + 3}: line longer than 65536 characters") == 1
     finally:
+        r.close()
+
+
+def test_sighup_lowers_max_connections_per_address():
+    """[delivery] max_connections_per_address lowered by a reload while
+    mail flows to a slow receiver: the connections over the new cap end
+    after their transaction, as those over a domain's lowered
+    max_connections do (before, the cap held for new connections only:
+    the 6 open went on carrying the queue past a cap of 2 for as long
+    as it lasted)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_delivery
+    from test_delivery import Relay, records_for
+    from test_campaign_mix import Receiver, established
+    from harness import wait_until
+    test_delivery.SLUICE = SLUICE
+    r = Relay(records_for(["slow.test"]), with_sink=False,
+              delivery_conf="max_connections_per_address = 6")
+    rx = None
+    try:
+        rx = Receiver(r.wd, "127.0.0.1", r.mx_port, "slow", "--delay", "0.2")
+        n = 300  # 10 s at 6 connections, 30 s at 2: still flowing at the check
+        r.inject([("s@example.com", [f"u{i}@slow.test"],
+                   f"Subject: {i}\r\nX-Test-Id: m{i}\r\n\r\nx\r\n".encode())
+                  for i in range(n)], sessions=2)
+
+        def open_now():
+            return established(r.d.pid, r.mx_port).get("127.0.0.1", 0)
+        wait_until(lambda: open_now() == 6, 30, "6 connections to the slow receiver")
+        conf = os.path.join(r.wd.path, "sluice.conf")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("max_connections_per_address = 6",
+                                 "max_connections_per_address = 2"))
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log("event=config_reloaded")
+        # A transaction takes 0.2 s there: the extra ones end within a few.
+        wait_until(lambda: open_now() <= 2, 10, "the connections down to the new cap")
+        got = [x for x in rx.records() if x["ev"] == "msg"]
+        assert len(got) < n - 20, f"{len(got)} of {n} delivered: the check came too late"
+        # ... and stay there while the mail goes on (sampled for 2 s)
+        most = 0
+        for _ in range(40):
+            most = max(most, open_now())
+            time.sleep(0.05)
+        assert most <= 2, f"{most} connections open past the cap of 2"
+        after = len([x for x in rx.records() if x["ev"] == "msg"])
+        assert after > len(got), "no mail went on the two connections left"
+    finally:
+        if rx is not None:
+            rx.stop()
         r.close()
 
 
@@ -419,5 +474,6 @@ url = redis://127.0.0.1:{redis.port}
 
 if __name__ == "__main__":
     main([test_sighup_reloads_users, test_sighup_reloads_domain_limits,
+          test_sighup_lowers_max_connections_per_address,
           test_reloads_keep_little_memory, test_reloads_free_replaced_configs,
           test_reload_says_what_redis_and_backoff_keep])
