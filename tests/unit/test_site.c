@@ -652,6 +652,46 @@ one_slot_yielded_per_want(void **state)
     site_addrs_free(t);
 }
 
+/* A cap lowered under what is open (a reload): as many connections as
+ * are over it are told to end, counted until they have, and no more;
+ * once they have gone the address is at the cap and none is. */
+static void
+lowered_cap_ends_the_connections_over_it(void **state)
+{
+    (void)state;
+    struct site_addrs *t = site_addrs_new(2);
+    assert_non_null(t);
+    struct sites w0, w1;
+    assert_int_equal(sites_init(&w0, t, 0), 0);
+    assert_int_equal(sites_init(&w1, t, 1), 0);
+    union dns_addr a = mx_addr("192.0.2.7");
+    struct site_addr *x[5];
+    for (unsigned i = 0; i < 5; i++)
+        assert_non_null(x[i] = take(i < 3 ? &w0 : &w1, 0, &a, 5, 0));
+    assert_false(site_addr_over(&w0, x[0], 5));
+    assert_false(site_addr_over(&w0, x[0], 0)); /* no cap */
+    bool told[5];
+    unsigned n = 0;
+    for (unsigned i = 0; i < 5; i++)
+        n += (told[i] = site_addr_over(i < 3 ? &w0 : &w1, x[i], 3));
+    assert_int_equal(n, 2);
+    for (unsigned i = 0; i < 5; i++)
+        if (told[i]) {
+            site_addr_give(i < 3 ? &w0 : &w1, x[i], true);
+            x[i] = NULL;
+        }
+    assert_int_equal(site_addr_conns(&w0, 0, &a), 3);
+    for (unsigned i = 0; i < 5; i++)
+        if (x[i] != NULL) {
+            assert_false(site_addr_over(i < 3 ? &w0 : &w1, x[i], 3));
+            site_addr_give(i < 3 ? &w0 : &w1, x[i], false);
+        }
+    assert_int_equal(site_addrs_count(t), 0);
+    sites_fini(&w0);
+    sites_fini(&w1);
+    site_addrs_free(t);
+}
+
 /* Threads taking and giving slots at once never hold more than the cap
  * between them, and every count comes back to zero. */
 #define RACE_THREADS 4
@@ -782,6 +822,7 @@ main(void)
         cmocka_unit_test(v4_mapped_counts_as_its_ipv4_address),
         cmocka_unit_test(cap_is_the_nodes_across_workers),
         cmocka_unit_test(one_slot_yielded_per_want),
+        cmocka_unit_test(lowered_cap_ends_the_connections_over_it),
         cmocka_unit_test(cap_holds_under_threads),
         cmocka_unit_test(hash_grows_and_shrinks),
     };
