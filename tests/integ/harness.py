@@ -707,3 +707,13 @@ def spool_messages(env_dir):
     check = spool_tool("check", env_dir)
     assert check.returncode == 0, f"spool inconsistent: {check.stdout}"
     return msgs
+
+
+def site_worker(host, workers=2):
+    """The worker a site whose first MX host is host is sent from (site
+    affinity: engine/outbound/affinity.c site_worker, the 64-bit FNV-1a of
+    the host's name)."""
+    h = 14695981039346656037
+    for ch in host.lower().encode():
+        h = ((h ^ ch) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h % workers

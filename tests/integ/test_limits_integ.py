@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 
-from harness import Redis, Sluice, Workdir, free_port, log_time, main, skip, wait_until
+from harness import (Redis, Sluice, Workdir, free_port, log_time, main, site_worker, skip,
+                     wait_until)
 import test_delivery
 from test_delivery import Dns, Sink, records_for
 from test_outcomes import events
@@ -950,16 +951,6 @@ def owner(domain, workers=2):
     return h % workers
 
 
-def site_owner(host, workers=2):
-    """The worker a site whose first MX host is host is sent from (site
-    affinity: engine/outbound/affinity.c site_worker, the 64-bit FNV-1a of
-    the host's name)."""
-    h = 14695981039346656037
-    for ch in host.lower().encode():
-        h = ((h ^ ch) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h % workers
-
-
 def four_domains(prefix, worker_of=owner):
     """Four domains, two on each of sluice's two workers, as worker_of
     says (by default the worker their name hashes to, where a domain
@@ -1031,7 +1022,7 @@ def test_mx_pattern_limits_across_domains():
     hosts = {}
     i = 0
     while len(hosts) < 2:
-        hosts.setdefault(site_owner(f"mx{i}.bigmail.test"), f"mx{i}.bigmail.test")
+        hosts.setdefault(site_worker(f"mx{i}.bigmail.test"), f"mx{i}.bigmail.test")
         i += 1
     recs = [f"host-record={h},127.0.0.1" for h in hosts.values()]
     recs += [f"mx-host={d},{hosts[k % 2]},10" for k, d in enumerate(doms)]
@@ -1076,7 +1067,7 @@ def test_source_address_limits_across_domains():
     """[source 127.0.0.1]: four domains with MX hosts of their own (four
     sites, two on each worker), all reached from the one source
     address."""
-    doms = four_domains("src", lambda d: site_owner(f"mx.{d}"))
+    doms = four_domains("src", lambda d: site_worker(f"mx.{d}"))
     recs = []
     for d in doms:
         recs += [f"host-record=mx.{d},127.0.0.1", f"mx-host={d},mx.{d},10"]

@@ -13,8 +13,8 @@ import sys
 import threading
 import time
 
-from harness import (Redis, Sluice, Smtp, Workdir, free_port, main, run, skip, spool_tool,
-                     wait_until)
+from harness import (Redis, Sluice, Smtp, Workdir, free_port, main, run, site_worker, skip,
+                     spool_tool, wait_until)
 from test_delivery import Dns, Relay, Sink, records_for
 from test_ops import ctl, ctl_json, stats_conf
 
@@ -226,16 +226,6 @@ def test_one_domain_has_the_whole_mx_cap():
     workers, and the domain got 3."""
     one_domain_at_a_slow_receiver("[mx mx.test]\nmax_connections = 6\n",
                                   "under the [mx] cap").close()
-
-
-def site_worker(host, workers=2):
-    """The worker a site whose first MX host is host is sent from (site
-    affinity: engine/outbound/affinity.c site_worker, the 64-bit FNV-1a of
-    the host's name)."""
-    h = 14695981039346656037
-    for ch in host.lower().encode():
-        h = ((h ^ ch) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h % workers
 
 
 def two_sites_on_both_workers(n):
