@@ -1,7 +1,8 @@
 /*
  * main: command line, config, signals. The main thread starts the engine
- * and then only waits for signals (they are blocked in every thread, so
- * sigwaitinfo() here receives them all): SIGTERM and SIGINT drain and
+ * and then only waits for signals (they are blocked in every thread from
+ * before the config is read, so sigwaitinfo() here receives them all,
+ * those sent while it started too): SIGTERM and SIGINT drain and
  * stop, SIGHUP reopens the logs and reloads what may change at run time
  * (a TERM or INT that comes during a reload is taken before the next
  * SIGHUP: a storm of them does not hold the stop back). A fault or an
@@ -179,6 +180,20 @@ main(int argc, char **argv)
         return 2;
     }
 
+    /* The signals the main loop waits for, blocked before the config is
+     * read: a SIGHUP sent while it is (logrotate's, or a reload sent as
+     * the service starts) waits for the loop and reloads then, instead
+     * of killing the process with the default action; a SIGTERM waits
+     * likewise and stops it once started. Blocked here, the mask is
+     * inherited by every thread the engine starts. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    if (!check)
+        pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
     struct config *cfg;
     if (config_load(path, &cfg, stderr) < 0) {
         if (check)
@@ -205,12 +220,6 @@ main(int argc, char **argv)
     }
     log_set_thread_name("main");
 
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGHUP);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by every thread */
     signal(SIGPIPE, SIG_IGN);
     /* A crash leaves the workers' kept lines and its own in the log. */
     if ((rc = log_catch_fatal()) < 0)

@@ -10,8 +10,10 @@ grow sluice's resident memory by a few MB at most (each kept about 280 KB
 before: the built-in bounce rules and the shaping rules, compiled again
 for every config and kept with it until exit). And a replaced config is
 freed once nothing reads it: 200 reloads with mail flowing leave two
-configs alive."""
+configs alive. A SIGHUP sent while sluice still reads its config at
+start waits and reloads once it runs (it killed the process)."""
 import base64
+import errno
 import json
 import os
 import signal
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from harness import Sluice, Smtp, Workdir, free_port, main, run, stats_ask
+from harness import Sluice, Smtp, Workdir, free_port, main, run, stats_ask, wait_until
 
 SLUICE = sys.argv[1]
 
@@ -472,8 +474,69 @@ url = redis://127.0.0.1:{redis.port}
         wd.cleanup()
 
 
+def test_sighup_while_the_config_is_read():
+    """A SIGHUP that comes while sluice reads its config at start (a FIFO
+    here, so that the read waits for the test) is held until the main
+    loop runs, and taken as a reload; with the default action it killed
+    the process (exit 129) before sluice ever started."""
+    wd = Workdir("sluice-reload-")
+    d = None
+    fd = None
+    try:
+        port = free_port()
+        text = f"""
+[server]
+workers = 1
+listen = 127.0.0.1:{port}
+[queue]
+path = {wd.path}/spool
+map_size = 64M
+"""
+        path = os.path.join(wd.path, "sluice.conf")
+        os.mkfifo(path)
+        d = Sluice(SLUICE, path)
+
+        def opened():
+            # a writer's non-blocking open succeeds once sluice has the
+            # FIFO open for reading: it is then in its read of the config
+            nonlocal fd
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                assert d.proc.poll() is None, f"sluice exited with {d.proc.returncode}"
+                return False
+            return True
+
+        wait_until(opened, 10, "sluice to open its config")
+        d.signal(signal.SIGHUP)
+        # The reload reads the path again: a plain file by then (sluice
+        # reads the FIFO it has open), with one key changed.
+        with open(path + ".new", "w") as f:
+            f.write(text.replace("[queue]", "[delivery]\ninitial_connections = 3\n[queue]"))
+        os.replace(path + ".new", path)
+        os.write(fd, text.encode())
+        os.close(fd)
+        fd = None
+        d.wait_log("event=ready")
+        line = d.wait_log("event=config_reloaded")
+        assert 'changed="[delivery] initial_connections"' in line, line
+        c = Smtp(port)
+        c.expect("EHLO client", 250)
+        c.close()
+        d.stop_clean()
+        d = None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if d is not None:
+            d.kill9()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     main([test_sighup_reloads_users, test_sighup_reloads_domain_limits,
           test_sighup_lowers_max_connections_per_address,
           test_reloads_keep_little_memory, test_reloads_free_replaced_configs,
-          test_reload_says_what_redis_and_backoff_keep])
+          test_reload_says_what_redis_and_backoff_keep, test_sighup_while_the_config_is_read])
