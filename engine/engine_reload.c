@@ -44,6 +44,9 @@
 #include "engine/server.h"
 #include "engine/warmup.h"
 
+/* A SIGHUP in the drain or the stop is logged this often at most. */
+#define HUP_LOG_EVERY_MS 1000
+
 /* The keys and the paths of the files of enum reread (engine_int.h). */
 static const char *const reread_key[RR_COUNT] = {"[tls] cert_file", "[tls] key_file",
                                                  "[tls] ca_file", "[server] auth_users_file"};
@@ -514,29 +517,41 @@ engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
  * says so. dl: the delivery log to reopen (its writer thread does, before
  * its next batch; a failure is its own line, event=dlog_reopen_failed),
  * or NULL; dl_state: what the line says of it. The log first, so that
- * the line is in the new file. */
+ * the line is in the new file. One line a second at most: a storm of
+ * SIGHUPs in a drain (a loop of kill -HUP, a logrotate run per file)
+ * wrote one each, thousands; each is still a reopen, and the next line
+ * counts those not logged since the last (unlogged_before). */
 static void
-hup_ignored(const siginfo_t *si, const char *reason, struct dlog *dl, const char *dl_state)
+hup_ignored(struct engine *e, const siginfo_t *si, const char *reason, struct dlog *dl,
+            const char *dl_state)
 {
     int rc = log_reopen();
     if (dl != NULL)
         dlog_reopen(dl);
+    uint64_t now = clock_mono_ms();
+    if (now < atomic_load(&e->hup_log_next_ms)) {
+        atomic_fetch_add(&e->hup_unlogged, 1);
+        return;
+    }
+    atomic_store(&e->hup_log_next_ms, now + HUP_LOG_EVERY_MS);
+    unsigned before = atomic_exchange(&e->hup_unlogged, 0);
     if (rc < 0)
         log_msg(LOG_ERR,
                 "event=reload_ignored reason=%s signal=HUP sender_pid=%ld log_reopened=no "
-                "err=\"%s\" delivery_log=%s note=the_next_start_reads_the_file",
-                reason, (long)si->si_pid, strerror(-rc), dl_state);
+                "err=\"%s\" delivery_log=%s unlogged_before=%u "
+                "note=the_next_start_reads_the_file",
+                reason, (long)si->si_pid, strerror(-rc), dl_state, before);
     else
         log_msg(LOG_WARN,
                 "event=reload_ignored reason=%s signal=HUP sender_pid=%ld log_reopened=yes "
-                "delivery_log=%s note=the_next_start_reads_the_file",
-                reason, (long)si->si_pid, dl_state);
+                "delivery_log=%s unlogged_before=%u note=the_next_start_reads_the_file",
+                reason, (long)si->si_pid, dl_state, before);
 }
 
 void
 engine_hup_draining(struct engine *e, const siginfo_t *si)
 {
-    hup_ignored(si, "draining", e->dlog, e->dlog != NULL ? "reopened" : "none");
+    hup_ignored(e, si, "draining", e->dlog, e->dlog != NULL ? "reopened" : "none");
 }
 
 static void
@@ -551,7 +566,7 @@ stop_hup_take(struct stop_hup *h, const siginfo_t *si)
         dlog_reopen(dl);
     const char *state = dl != NULL ? "reopened" : h->had_dlog ? "closed" : "none";
     pthread_mutex_unlock(&h->mu);
-    hup_ignored(si, "stopping", NULL, state);
+    hup_ignored(e, si, "stopping", NULL, state);
 }
 
 static void *
