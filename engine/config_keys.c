@@ -192,7 +192,8 @@ static const struct conf_key bounce_keys[] = {
      "a message still waiting this long after arrival gives its sender one delay DSN "
      "(once per message, as Postfix's delay_warning_time), naming each recipient still "
      "waiting (deferred, or queued: its domain suspended) that asked for one at injection "
-     "(NOTIFY=DELAY); it goes once none of "
+     "(NOTIFY=DELAY; unlike Postfix, none for a recipient given without NOTIFY: a bulk "
+     "sender's bounce address would get one per slow message); it goes once none of "
      "the others is queued or in flight, at the latest dsn_wait after this; 0: never",
      NULL},
     {"dsn_wait", CONF_DURATION, BNC(dsn_wait), 0, 7ULL * 86400 * 1000, "10m",

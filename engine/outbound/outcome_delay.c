@@ -3,7 +3,9 @@
  * as Postfix's delay_warning_time sends: a message still waiting that
  * long after its arrival gives its sender one DSN (Action: delayed)
  * naming every recipient of it still waiting (deferred, or queued: its
- * domain suspended) that asked for one (NOTIFY=DELAY), not one per
+ * domain suspended) that asked for one (NOTIFY=DELAY; Postfix also
+ * warns for a recipient given without NOTIFY, sluice does not: a bulk
+ * sender's bounce address would get one per slow message), not one per
  * delivery batch (a message to 50 slow
  * domains gave 50). The check runs once an outcome past delay_warning is
  * durable (outcome_done, outcome.c: info.delay_check): it reads the
