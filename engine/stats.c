@@ -2,8 +2,11 @@
  * stats: the stats thread of stats.h: the Unix socket's line protocol,
  * the HTTP listener (GET /metrics for Prometheus; GET / the status page,
  * engine/stats_page.html, and GET /status.json the live state it shows)
- * and the rates. HTTP is read only. The answers' JSON is rendered by
- * engine/stats_render.c, the Prometheus text by engine/stats_metrics.c.
+ * and the rates. HTTP is read only: this file reads its requests and
+ * sends its answers, engine/stats_http.c makes them (status.json and the
+ * metrics asked of render_status and metrics_text here). The answers'
+ * JSON is rendered by engine/stats_render.c, the Prometheus text by
+ * engine/stats_metrics.c.
  *
  * One poll(2) loop on a thread of its own, never a worker: it may block
  * in an engine callback for a moment, so it is kept off the rings. The
@@ -75,7 +78,6 @@
 #include "common/log.h"
 #include "engine/stats_cmd.h"
 #include "engine/stats_int.h"
-#include "engine/stats_page.h"
 
 #define SAMPLE_MS    1000
 #define RATE_SAMPLES 61    /* the newest and the one 60 s before it */
@@ -435,13 +437,21 @@ cmd_answers(struct stats_server *s, uint64_t now)
     stats_cmd_jobs_free(list);
 }
 
-static void
-do_metrics(struct stats_server *s, struct json *out)
+/* The Prometheus text of /metrics and "metrics" (malloc'd), or NULL when
+ * out of memory. */
+static char *
+metrics_text(struct stats_server *s)
 {
     struct stats_counters c;
     gather_counters(s, &c);
     size_t n = gather_domains(s, s->top_n);
-    char *text = stats_render_metrics(&c, s->doms, n, clock_unix_ms());
+    return stats_render_metrics(&c, s->doms, n, clock_unix_ms());
+}
+
+static void
+do_metrics(struct stats_server *s, struct json *out)
+{
+    char *text = metrics_text(s);
     if (text == NULL) {
         stats_answer_error(out, "out of memory");
         return;
@@ -552,37 +562,16 @@ stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len, 
     return later;
 }
 
-/* ---- HTTP ---- */
-
-static void
-http_answer(struct json *out, int minor, const char *status, const char *extra, const char *type,
-            const char *body, size_t bodylen, bool head)
-{
-    text_printf(out,
-                "HTTP/1.%d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n",
-                minor, status, type, bodylen, extra);
-    if (!head)
-        json_raw(out, body, bodylen);
-}
-
-/* An error answer; head: to a HEAD request, so without its body (RFC 9110
- * 9.3.2), its length still given. */
-static void
-http_error(struct json *out, int minor, const char *status, const char *extra, bool head)
-{
-    char body[128];
-    int n = snprintf(body, sizeof(body), "%s\n", status);
-    http_answer(out, minor, status, extra, "text/plain; charset=utf-8", body, (size_t)n, head);
-}
+/* ---- HTTP: what its answers show (stats_http.c answers) ---- */
 
 /* status.json, what the status page shows: {"stats": the answer to
  * "stats", "domains": the STATS_PAGE_DOMAINS busiest, "suspended" and
  * "held": every suspended, and every held, destination among the
  * STATS_DOMAINS_MAX busiest}. */
 static void
-render_status(struct stats_server *s, struct json *j)
+render_status(void *arg, struct json *j)
 {
+    struct stats_server *s = arg;
     struct stats_counters c;
     struct stats_rates r1s, r1m;
     gather_counters(s, &c);
@@ -613,105 +602,10 @@ render_status(struct stats_server *s, struct json *j)
     json_obj_end(j);
 }
 
-/* The request is in[0..len) and complete (its blank line seen). */
-static void
-stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *out)
+static char *
+metrics_text_of(void *arg)
 {
-    const char *eol = memchr(in, '\n', len);
-    size_t ll = (size_t)(eol - in);
-    if (ll > 0 && in[ll - 1] == '\r')
-        ll--;
-    char line[1024];
-    if (ll >= sizeof(line)) {
-        http_error(out, 1, "414 URI Too Long", "", false);
-        return;
-    }
-    memcpy(line, in, ll);
-    line[ll] = '\0';
-    char *sp1 = strchr(line, ' ');
-    char *sp2 = sp1 != NULL ? strchr(sp1 + 1, ' ') : NULL;
-    if (sp1 == NULL || sp2 == NULL || sp1 == line || sp2 == sp1 + 1 || strchr(sp2 + 1, ' ') ||
-        strncmp(sp2 + 1, "HTTP/", 5) != 0) {
-        http_error(out, 1, "400 Bad Request", "", false);
-        return;
-    }
-    *sp1 = *sp2 = '\0';
-    const char *method = line, *target = sp1 + 1, *version = sp2 + 1;
-    int minor;
-    if (strcmp(version, "HTTP/1.0") == 0) {
-        minor = 0;
-    } else if (strcmp(version, "HTTP/1.1") == 0) {
-        minor = 1;
-    } else {
-        http_error(out, 1, "505 HTTP Version Not Supported", "", false);
-        return;
-    }
-    for (const char *m = method; *m != '\0'; m++) {
-        if (*m < 'A' || *m > 'Z') {
-            http_error(out, minor, "400 Bad Request", "", false);
-            return;
-        }
-    }
-    bool head = strcmp(method, "HEAD") == 0;
-    if (!head && strcmp(method, "GET") != 0) {
-        http_error(out, minor, "405 Method Not Allowed", "Allow: GET, HEAD\r\n", false);
-        return;
-    }
-    size_t tl = strcspn(target, "?");
-    if (tl == 1 && target[0] == '/') {
-        /* The page is static; what it shows comes from status.json. Its
-         * own script and style are inline: nothing else may load. */
-        http_answer(out, minor, "200 OK",
-                    "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
-                    "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:\r\n"
-                    "X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n",
-                    "text/html; charset=utf-8", stats_page_html, stats_page_html_len, head);
-        return;
-    }
-    if (tl == 12 && strncmp(target, "/status.json", 12) == 0) {
-        struct json body;
-        json_init(&body);
-        render_status(s, &body);
-        if (json_failed(&body)) {
-            json_fini(&body);
-            http_error(out, minor, "500 Internal Server Error", "", head);
-            return;
-        }
-        http_answer(out, minor, "200 OK", "X-Content-Type-Options: nosniff\r\n",
-                    "application/json", body.buf, body.len, head);
-        json_fini(&body);
-        return;
-    }
-    if (tl != 8 || strncmp(target, "/metrics", 8) != 0) {
-        http_error(out, minor, "404 Not Found", "", head);
-        return;
-    }
-    struct stats_counters c;
-    gather_counters(s, &c);
-    size_t n = gather_domains(s, s->top_n);
-    char *text = stats_render_metrics(&c, s->doms, n, clock_unix_ms());
-    if (text == NULL) {
-        http_error(out, minor, "500 Internal Server Error", "", head);
-        return;
-    }
-    http_answer(out, minor, "200 OK", "", "text/plain; version=0.0.4; charset=utf-8", text,
-                strlen(text), head);
-    free(text);
-}
-
-/* Where the request's header ends (after its blank line), or 0. */
-static size_t
-http_request_end(const char *in, size_t len)
-{
-    for (size_t i = 0; i + 1 < len; i++) {
-        if (in[i] != '\n')
-            continue;
-        if (in[i + 1] == '\n')
-            return i + 2;
-        if (i + 2 < len && in[i + 1] == '\r' && in[i + 2] == '\n')
-            return i + 3;
-    }
-    return 0;
+    return metrics_text(arg);
 }
 
 /* ---- clients ---- */
@@ -824,15 +718,17 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
 {
     while (!c->closing && c->out.len == 0 && !c->waiting) {
         if (c->kind == CLIENT_HTTP) {
-            size_t end = http_request_end(c->in, c->inlen);
+            size_t end = stats_http_request_end(c->in, c->inlen);
             if (end == 0 && c->inlen >= sizeof(c->in))
-                http_error(&c->out, 1, "431 Request Header Fields Too Large", "", false);
+                stats_http_error(&c->out, 1, "431 Request Header Fields Too Large", "", false);
             else if (end == 0 && c->eof)
-                http_error(&c->out, 1, "400 Bad Request", "", false);
+                stats_http_error(&c->out, 1, "400 Bad Request", "", false);
             else if (end == 0)
                 return 0;
             else
-                stats_on_http(s, c->in, end, &c->out);
+                stats_http_answer(&(const struct stats_http_views){s, render_status,
+                                                                   metrics_text_of},
+                                  c->in, end, &c->out);
             c->closing = true;
             c->inlen = 0;
         } else if (c->pass_refused) {

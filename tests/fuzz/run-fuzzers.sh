@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build the libFuzzer targets (SMTP protocol core, DKIM, submission
 # session, DSN builder, feedback parsers, DNS messages, shaping rules,
-# MTA-STS, the config reader, the redis:// URL parser) with clang and run each for a bounded time
+# MTA-STS, the config reader, the redis:// URL parser, the stats
+# listener's HTTP answers) with clang and run each for a bounded time
 # over a copy of its seed corpus (the tree's corpus is never written). Exits non-zero when a target finds a crash; the input
 # that crashed is kept and its path printed.
 #
@@ -9,7 +10,7 @@
 #   build-dir  configured with CC=clang -DSLUICE_FUZZ=ON, or new (default:
 #              $TMPDIR/sluice-fuzz); only the fuzz targets are built.
 # env: FUZZ_SECONDS   per target (default 20)
-#      FUZZ_TARGETS   names to run (default: all fifteen)
+#      FUZZ_TARGETS   names to run (default: all sixteen)
 #      FUZZ_ARGS      extra libFuzzer flags
 set -eu
 
@@ -25,7 +26,7 @@ build=${1:-${TMPDIR:-/tmp}/sluice-fuzz}
 mkdir -p "$build"
 build=$(cd "$build" && pwd)
 seconds=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim dsn feedback_dsn feedback_arf dns_wire shaping mta_sts config redis_url"}
+targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim dsn feedback_dsn feedback_arf dns_wire shaping mta_sts config redis_url stats_http"}
 
 if [ -f "$build/CMakeCache.txt" ]; then
     if ! grep -q '^SLUICE_FUZZ:BOOL=ON' "$build/CMakeCache.txt"; then
