@@ -956,7 +956,8 @@ delivery_reconfigure(struct delivery *d)
         dest_limit_conf(t->pol, &lc);
         limits_key_set(d->lim, &t->lim, &lc);
         t->mxk_for = NULL; /* the [mx] sections may have changed */
-        t->site_for = NULL; /* ... and max_connections, its site's ceiling (dest_site) */
+        t->site_for = NULL;     /* ... and max_connections, its site's ceiling (dest_site) */
+        t->affinity_for = NULL; /* ... and the rollups, whose pattern names a site's worker */
         t->mxk = NULL;
         /* allow_networks, deny_networks and the listeners may have changed: the usable
          * addresses are counted again (targets.c), so that a destination

@@ -15,7 +15,10 @@
  * connections where 100 carried the mail, and the receivers' cost of the
  * second set took the second core's gain: bench/relay/bench_sites.py).
  * The move is made when the answer comes, before the domain's first
- * connection: its claim in the
+ * connection (a reload decides again for every domain: an [mx] section
+ * with rollup = yes it adds or removes changes the site's name, and the
+ * domain may then move with connections open: they finish their
+ * transactions): its claim in the
  * route table, then its answer and waiting jobs handed over in one
  * post. A later answer moves it again only when its site's worker
  * changed (dest_affinity); a domain idle long enough to be forgotten

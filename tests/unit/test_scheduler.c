@@ -3661,6 +3661,37 @@ affinity_gathers_a_rollup_on_its_patterns_worker(void **state)
     }
 }
 
+/* A reload that adds an [mx] section with rollup = yes names a domain's
+ * site by the section's pattern: its next run claims it for the worker
+ * the pattern hashes to, as its first answer would have been under that
+ * config. Before, the reload kept the worker its own MX host had given it
+ * (its answer was not looked at again), and the rollup stayed a site on
+ * each worker until each domain's answer expired. */
+static void
+affinity_decided_again_when_a_reload_adds_a_rollup(void **state)
+{
+    (void)state;
+    unsigned pw = worker_of_host("*.hoster.test");
+    const char *host[] = {host_of_worker(1 - pw, 0)};
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", 1 - pw);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, host, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->nclaimed, 0); /* its own host's worker: stays */
+    assert_int_equal(f->handed, 0);
+    struct config *old = f->cfg;
+    setup_conf(f, "[delivery]\nallow_networks = 127.0.0.0/8\n"
+                  "[mx *.hoster.test]\nrollup = yes\n");
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+    submit("a.test", 1);
+    assert_int_equal(f->nclaimed, 1);
+    assert_string_equal(f->claimed[0], "a.test");
+    assert_int_equal(f->claimed_by[0], pw);
+    assert_true(f->handed >= 1);
+    fx_free(f);
+}
+
 /* The destination a domain leaves behind when it moves holds nothing
  * but its answer: it goes at the next sweep, not after the idle time
  * (10 minutes by default), and the claim it made stays. Mail that still
@@ -5014,6 +5045,7 @@ main(void)
         cmocka_unit_test(mx_limits_split_between_the_workers_add_up),
         cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
         cmocka_unit_test(affinity_gathers_a_rollup_on_its_patterns_worker),
+        cmocka_unit_test(affinity_decided_again_when_a_reload_adds_a_rollup),
         cmocka_unit_test(affinity_site_worker_ignores_order),
         cmocka_unit_test(affinity_under_mx_and_source_sections_not_for_pools),
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
