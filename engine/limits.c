@@ -22,7 +22,8 @@
  * Its rates (this worker's part, as configured) take their tokens from
  * its part kept there, then from the part of a worker that asks for none
  * (node_cap_rate_take); a connection's token goes back to the part it
- * came from when its lease is refused or undone.
+ * came from when its lease is refused or undone, the part as it was
+ * (its lent mark too), while no other worker took of it since.
  *
  * Message tokens a transaction took and did not use (another of its keys
  * refused) are given back (limits_give_msgs) from the caller's record of
@@ -636,11 +637,11 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
                 return false;
             }
             if (!local_lease(l, k, now_ns, retry_at_ns)) {
-                node_cap_rate_back(k->node, NODE_RATE_CONN, u.from, T);
+                node_cap_rate_give(k->node, NODE_RATE_CONN, &u, 1, T);
                 l->st.conns_refused++;
                 return false;
             }
-            k->undo_tat = T;
+            k->undo_tat = u.tat_after;
             k->undo_from = (uint8_t)u.from;
             k->undo = LIMIT_UNDO_NODE;
             return true;

@@ -133,7 +133,7 @@ enum limit_undo {
     LIMIT_UNDO_TAT,   /* a lease and a local connection-rate token */
     LIMIT_UNDO_READY, /* the lease Redis granted (with its token, when ready_rated) */
     LIMIT_UNDO_NODE,  /* a lease and a token of a worker's part of the node's connection
-                       * rate (undo_from; undo_tat: its interval) */
+                       * rate (undo_from; undo_tat: the part's tat after the take) */
 };
 
 /* What limits_key_wanted() knows of a key's wanted mark: the caller's,

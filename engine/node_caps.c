@@ -2,8 +2,8 @@
  * node_caps: the node's count of connections under each capped limit key
  * without [redis], every worker's, with their floors; and the workers'
  * parts of the key's rates, each a GCRA state, lent while their worker
- * asks for none, and a message token not used given back to its part
- * (node_caps.h says why and what the rules are).
+ * asks for none, and a message or connection token not used given back
+ * to its part (node_caps.h says why and what the rules are).
  *
  * Threading: any worker's thread. The table's lock guards its hash (an
  * entry is found once per key set-up); each entry's lock its counts and
@@ -22,10 +22,14 @@
 
 /* One worker's part of a rate. */
 struct node_rate_part {
-    uint64_t tat;   /* its GCRA state (limits_gcra) */
-    uint64_t asked; /* ns: when it last asked for a token; 0: never */
-    unsigned burst; /* its burst (its worker's, as it last asked) */
-    bool lent;      /* another worker took a token of it since its worker's last */
+    uint64_t tat;      /* its GCRA state (limits_gcra) */
+    uint64_t asked;    /* ns: when it last asked for a token; 0: never */
+    uint64_t back_tat; /* tat before the last take (back_ok) */
+    unsigned burst;    /* its burst (its worker's, as it last asked) */
+    bool lent;         /* another worker took a token of it since its worker's last */
+    bool back_lent;    /* lent before the last take (back_ok) */
+    bool back_ok;      /* back_tat and back_lent are the last take's: no give
+                        * or back of a take since */
 };
 
 /* One worker's part of an entry. */
@@ -295,8 +299,14 @@ node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_
         if (g > 0 && undo != NULL)
             *undo = (struct node_rate_undo){
                 .tat = before, .tat_after = p->tat, .from = v, .n = g, .lent = p->lent};
-        if (g > 0)
+        if (g > 0) {
+            /* the part's state before, for a node_cap_rate_back of this
+             * take (the caller keeps tat_after alone) */
+            p->back_tat = before;
+            p->back_lent = p->lent;
+            p->back_ok = true;
             p->lent = v != w;
+        }
         got += g;
     }
     pthread_mutex_unlock(&x->lock);
@@ -305,13 +315,23 @@ node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_
     return got;
 }
 
-void
-node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t T)
+bool
+node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t tat_after)
 {
     struct node_rate_part *p = &x->w[from % x->workers].rate[which == NODE_RATE_CONN ? 1 : 0];
     pthread_mutex_lock(&x->lock);
-    p->tat = p->tat > T ? p->tat - T : 0;
+    /* A take moves tat on, and only a give or a back of a take moves it
+     * back (to where that take found it, or later): tat where the take
+     * left it, with no give or back since, is that take's, and nobody
+     * took of the part after it. */
+    bool back = p->back_ok && p->tat == tat_after;
+    if (back) {
+        p->tat = p->back_tat;
+        p->lent = p->back_lent;
+        p->back_ok = false;
+    }
     pthread_mutex_unlock(&x->lock);
+    return back;
 }
 
 unsigned
@@ -326,12 +346,15 @@ node_cap_rate_give(struct node_cap *x, enum node_rate which, const struct node_r
     pthread_mutex_lock(&x->lock);
     if (p->tat != u->tat_after) {
         n = 0; /* taken of since: see node_caps.h */
-    } else if (n == u->n) {
-        p->tat = u->tat;
-        p->lent = u->lent;
     } else {
-        uint64_t back = (uint64_t)n * T;
-        p->tat = p->tat - u->tat > back ? p->tat - back : u->tat;
+        p->back_ok = false; /* tat moved back: a back of the last take finds it no more */
+        if (n == u->n) {
+            p->tat = u->tat;
+            p->lent = u->lent;
+        } else {
+            uint64_t back = (uint64_t)n * T;
+            p->tat = p->tat - u->tat > back ? p->tat - back : u->tat;
+        }
     }
     pthread_mutex_unlock(&x->lock);
     return n;

@@ -29,12 +29,12 @@
  * rates) would else find it drained at each ask while another is busy.
  *
  * A message token a worker took of a part and did not use goes back to
- * that part as it was (node_cap_rate_give), unless another worker took
- * of the part since: that take was decided on the part as the first
- * left it.
+ * that part as it was (node_cap_rate_give), and so does a connection
+ * token (node_cap_rate_back), unless another worker took of the part
+ * since: that take was decided on the part as the first left it.
  *
  * Entries are made on first use and live as long as the table: one per
- * capped or rated section name the configuration has had, some 64 octets
+ * capped or rated section name the configuration has had, some 80 octets
  * a worker each.
  *
  * Threading: any worker's thread; the table's lock to find an entry,
@@ -114,8 +114,15 @@ enum node_rate { NODE_RATE_MSG, NODE_RATE_CONN };
 unsigned node_cap_rate_take(struct node_cap *x, enum node_rate which, unsigned w, uint64_t T,
                             unsigned burst, uint64_t idle_ns, uint64_t now_ns, unsigned n,
                             uint64_t *retry_at_ns, struct node_rate_undo *undo);
-/* One token of the part from back (interval T): it was not used. */
-void node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from, uint64_t T);
+/* The token of the last take of part from, one that left its tat at
+ * tat_after (node_rate_undo's), back: it was not used. The part's state
+ * before that take, its lent mark too, as node_cap_rate_give gives all
+ * of a take back, and as there only while no other take of the part came
+ * since; here nor a give or back either (the part keeps its last take's
+ * state before, not the caller: a limit key has no room for it). False:
+ * none went back. */
+bool node_cap_rate_back(struct node_cap *x, enum node_rate which, unsigned from,
+                        uint64_t tat_after);
 /* n (at most u->n) of the tokens of the take u describes back to their
  * part, interval T: its schedule back by n intervals, never before it was
  * before the take, and all of them its state before (its lent mark too).

@@ -774,6 +774,116 @@ test_rates_node_wide_borrowed_token_back(void **state)
     node_caps_free(t);
 }
 
+/* Two workers' limiters of one key, its connection rate 500/s a part
+ * (2 ms apart), no burst, a cap of 4 for the node. */
+static struct node_caps *
+conn_rate_node_pair(struct limits **a, struct limits **b, struct limit_key *ka,
+                    struct limit_key *kb, const char *name)
+{
+    struct node_caps *t = node_limiters(2, a, b);
+    struct limit_conf c = {0};
+    c.conn_rate.count = 500;
+    c.conn_rate.per_ms = 1000;
+    c.max_connections = 4;
+    c.spread = 2;
+    assert_int_equal(limits_key_init(*a, ka, name, &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(*b, kb, name, &c, NULL, NULL), 0);
+    return t;
+}
+
+/* A connection-rate token borrowed from another worker's part and
+ * undone (its connection did not open) leaves that part as it was, its
+ * lent mark too: the lender, asking half an interval later and again at
+ * the interval, has one token, as if nobody had borrowed. Before, the
+ * undo took one interval off where the borrow had put the part (now,
+ * not its idle place) and left it marked lent: the lender was owed a
+ * token for a lending undone, and had two within the interval. */
+static void
+test_rates_node_wide_conn_undo_restores_the_part(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct limit_key ka, kb;
+    struct node_caps *t = conn_rate_node_pair(&a, &b, &ka, &kb, "mx:undo");
+    uint64_t r, now = BASE, T = 2 * MSEC;
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* its own part's */
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* the first's, lent */
+    limits_conn_unacquire(b, &kb, now);                /* did not open */
+    assert_true(limits_conn_acquire(a, &ka, now + T / 2, &r));
+    assert_false(limits_conn_acquire(a, &ka, now + T, &r));
+    assert_int_equal(r, now + T / 2 + T);
+    limits_conn_release(a, &ka);
+    limits_conn_release(b, &kb);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
+/* A borrowed connection-rate token undone after the lender took of its
+ * part (its loop's clock two intervals on: the workers' clocks are read
+ * once a loop turn) stays spent: the lender's take was decided on the
+ * part as the borrow left it. Before, the undo took an interval off the
+ * lender's own take: it had a second token at once, two at one instant
+ * at 500/s with no burst. */
+static void
+test_rates_node_wide_conn_undo_after_a_take_gives_nothing(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct limit_key ka, kb;
+    struct node_caps *t = conn_rate_node_pair(&a, &b, &ka, &kb, "mx:undo2");
+    uint64_t r, now = BASE, T = 2 * MSEC;
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* its own part's */
+    assert_true(limits_conn_acquire(b, &kb, now, &r)); /* the first's, lent */
+    assert_true(limits_conn_acquire(a, &ka, now + 2 * T, &r));
+    limits_conn_unacquire(b, &kb, now); /* did not open */
+    assert_false(limits_conn_acquire(a, &ka, now + 2 * T, &r));
+    assert_int_equal(r, now + 3 * T);
+    limits_conn_release(a, &ka);
+    limits_conn_release(b, &kb);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
+/* So too a token borrowed for a lease the node's cap then refuses: the
+ * lender's part as it was. (The lender holds two of the cap of 4 since
+ * 100 ms: its part lends, the borrower's own part spent on its first.) */
+static void
+test_rates_node_wide_conn_refused_lease_restores_the_part(void **state)
+{
+    (void)state;
+    struct limits *a, *b;
+    struct limit_key ka, kb;
+    struct node_caps *t = conn_rate_node_pair(&a, &b, &ka, &kb, "mx:undo3");
+    uint64_t r, now = BASE, T = 2 * MSEC;
+    struct limit_conf c = ka.conf;
+    c.max_connections = 3;
+    limits_key_set(a, &ka, &c);
+    limits_key_set(b, &kb, &c);
+    assert_true(limits_conn_acquire(a, &ka, now - 100 * MSEC, &r));
+    assert_true(limits_conn_acquire(a, &ka, now - 100 * MSEC + T, &r));
+    assert_true(limits_conn_acquire(b, &kb, now, &r));  /* its own part's: the cap full */
+    assert_false(limits_conn_acquire(b, &kb, now, &r)); /* the first's, lent, then the cap */
+    assert_int_equal(r, now + MS_TO_NS(NODE_CAP_POLL_MS));
+    limits_conn_release(a, &ka);
+    limits_conn_release(a, &ka);
+    assert_true(limits_conn_acquire(a, &ka, now + T / 2, &r));
+    assert_false(limits_conn_acquire(a, &ka, now + T, &r));
+    assert_int_equal(r, now + T / 2 + T);
+    limits_conn_release(a, &ka);
+    limits_conn_release(b, &kb);
+    limits_key_fini(a, &ka);
+    limits_key_fini(b, &kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 /* A worker whose domains ask for a token of its part less often than the
  * part is lent after (a domain of its own at 1/s under a part of 5/s:
  * asked once a second, lent after 600 ms unasked) while another worker
@@ -2719,6 +2829,9 @@ main(void)
         cmocka_unit_test(test_rates_node_wide_lent_burst),
         cmocka_unit_test(test_rates_node_wide_borrowed_token_back),
         cmocka_unit_test(test_rates_node_wide_lender_not_starved),
+        cmocka_unit_test(test_rates_node_wide_conn_undo_restores_the_part),
+        cmocka_unit_test(test_rates_node_wide_conn_undo_after_a_take_gives_nothing),
+        cmocka_unit_test(test_rates_node_wide_conn_refused_lease_restores_the_part),
         cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_unacquire_gives_the_token_back_local),
         cmocka_unit_test(test_give_msgs_local),
