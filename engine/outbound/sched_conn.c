@@ -313,7 +313,10 @@ static void
 give_back(struct delivery *d, struct limit_key *const keys[4], struct limit_grant g[4],
           unsigned n)
 {
-    for (unsigned i = 0; i < n; i++)
+    /* Last taken first, as an undo goes: were two of the keys ever one
+     * (their prefixes keep them apart today), each take is undone against
+     * the state it left. */
+    for (unsigned i = n; i-- > 0;)
         if (keys[i] != NULL)
             limits_give_msgs(d->lim, keys[i], &g[i], 1);
 }
