@@ -1148,8 +1148,12 @@ bool scope_job_parked(struct delivery *d, struct job *j);
  * belongs to a tenant that a shaping action names at mx's group: it is
  * set aside (true) until a suspension ends or is cleared (looked at every
  * second) or until its tenant's rate lets it go, or bounced (true, as an
- * operator's bounce), or neither (false: it goes). */
-bool scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx);
+ * operator's bounce), or neither (false: it goes). When it goes on its
+ * tenant's shaped rate, *key and *g say the token taken (for
+ * limits_give_msgs, should it not go after all: a warm-up allowance
+ * spent); else *key is NULL. */
+bool scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx,
+                      struct limit_key **key, struct limit_grant *g);
 /* The parked jobs by destination, for delivery_domains (their jobs are on
  * no destination's queue): one run per (domain, pool, tls_relaxed), in
  * scope_parked_cmp's order, with its jobs' count and oldest message. *v:

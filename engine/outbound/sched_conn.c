@@ -533,7 +533,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 give_back(d, keys, g, 4);
                 continue; /* its tenant or campaign is suspended: parked */
             }
-            if (j != NULL && scope_job_shaped(d, t, j, c->mx)) {
+            struct limit_key *tk = NULL; /* its tenant's shaped rate, when it took a token */
+            struct limit_grant tg;
+            if (j != NULL && scope_job_shaped(d, t, j, c->mx, &tk, &tg)) {
                 give_back(d, keys, g, 4);
                 continue; /* its tenant is suspended, slowed (its tenant's rate
                            * refused) or bounced at this MX by shaping: parked
@@ -544,6 +546,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             if (j != NULL && c->src != NULL && d->e->cfg->nwarmups != 0 &&
                 !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
                 /* the day's allowance went meanwhile: another source, or later */
+                if (tk != NULL)
+                    limits_give_msgs(d->lim, tk, &tg, 1);
                 give_back(d, keys, g, 4);
                 dest_push(t, j, true);
                 c->quit_why = "warmup";

@@ -350,10 +350,12 @@ shaped_bounce(struct delivery *d, struct dest *t, struct job *j, const char *mx)
 }
 
 /* May j go under its tenant's rate at mx (a token of the tenant's key at
- * the action's group)? When not, *until: monotonic ns to ask again. */
+ * the action's group)? When it may, *key and *g: that token, for a give-
+ * back; when not, *until: monotonic ns to ask again. */
 static bool
 shaped_rate_take(struct delivery *d, const struct dest *t, const struct job *j,
-                 const struct shaping_tenant_verdict *v, uint64_t *until, bool *asking)
+                 const struct shaping_tenant_verdict *v, uint64_t *until, bool *asking,
+                 struct limit_key **key, struct limit_grant *g)
 {
     char who[80];
     snprintf(who, sizeof(who), "tenant:%s", intern_name(d->e->names, j->owner.tenant));
@@ -362,8 +364,10 @@ shaped_rate_take(struct delivery *d, const struct dest *t, const struct job *j,
         return true; /* no memory: at the destination's rate */
     sched_shape_rate(d, k, t, v->rate_permille, v->rate_interval_ns);
     uint64_t retry_at = 0;
-    if (limits_take_msgs(d->lim, &k->lim, 1, d->w->now, &retry_at) == 1)
+    if (limits_take_msgs_undo(d->lim, &k->lim, 1, d->w->now, &retry_at, g) == 1) {
+        *key = &k->lim;
         return true;
+    }
     *until = retry_at != UINT64_MAX ? retry_at : d->w->now + MS_TO_NS(SHAPED_RATE_POLL_MS);
     /* Asked of Redis: its answer (mx_on_wake) releases j, its time is
      * only the request's timeout (limits_key_asking). */
@@ -403,8 +407,10 @@ shaped_park(struct delivery *d, struct job *j, const char *mx, uint64_t until, c
 }
 
 bool
-scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx)
+scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx,
+                 struct limit_key **key, struct limit_grant *g)
 {
+    *key = NULL;
     struct shaping_tenant_verdict v;
     if (!job_shaping(d, t, j, mx, &v))
         return false;
@@ -419,7 +425,7 @@ scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *
     uint64_t until = 0;
     bool asking = false;
     if ((v.rate_permille != 0 || v.rate_interval_ns != 0) &&
-        !shaped_rate_take(d, t, j, &v, &until, &asking)) {
+        !shaped_rate_take(d, t, j, &v, &until, &asking, key, g)) {
         shaped_park(d, j, mx, until, "rate");
         j->shaped_asking = asking;
         return true;
