@@ -500,6 +500,19 @@ test_conn_leases_node_wide(void **state)
     node_caps_free(t);
 }
 
+/* The two workers' keys and limiters of node_limiters(), and their
+ * node's caps, freed. */
+static void
+node_pair_free(struct limits *a, struct limits *b, struct limit_key *ka, struct limit_key *kb,
+               struct node_caps *t)
+{
+    limits_key_fini(a, ka);
+    limits_key_fini(b, kb);
+    limits_free(a);
+    limits_free(b);
+    node_caps_free(t);
+}
+
 /* Without Redis, a rate of a key held by both workers' limiters (spread
  * 2) stays split, each its part (here 5/s of 10/s), but the parts are
  * the node's: a worker alone borrows the part of the other, which asks
@@ -552,11 +565,7 @@ test_rates_node_wide(void **state)
     limits_conn_unacquire(b, &kb, now); /* did not open: back too */
     assert_true(limits_conn_acquire(b, &kb, now, &r));
     limits_conn_release(b, &kb);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* Message tokens given back (limits_give_msgs: another key of the same
@@ -658,11 +667,7 @@ test_give_msgs_node_wide(void **state)
     assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 1);
     assert_int_equal(limits_give_msgs(b, &kb, &gb, 1), 0);
     assert_int_equal(limits_take_msgs_undo(a, &ka, 1, now, &r, &ga), 0);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* A worker past its floor gives back what the others below theirs are
@@ -735,11 +740,7 @@ test_rates_node_wide_lent_burst(void **state)
     now += 10 * SEC;
     assert_int_equal(limits_take_msgs(a, &kc, 1000, now, &r), 3);
     limits_key_fini(a, &kc);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* A connection token borrowed from another worker's part and undone goes
@@ -767,11 +768,7 @@ test_rates_node_wide_borrowed_token_back(void **state)
     assert_true(limits_conn_acquire(a, &ka, now, &r)); /* its part has it back */
     assert_false(limits_conn_acquire(b, &kb, now, &r)); /* neither part has one */
     limits_conn_release(a, &ka);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* Two workers' limiters of one key, its connection rate 500/s a part
@@ -814,11 +811,7 @@ test_rates_node_wide_conn_undo_restores_the_part(void **state)
     assert_int_equal(r, now + T / 2 + T);
     limits_conn_release(a, &ka);
     limits_conn_release(b, &kb);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* A borrowed connection-rate token undone after the lender took of its
@@ -843,11 +836,7 @@ test_rates_node_wide_conn_undo_after_a_take_gives_nothing(void **state)
     assert_int_equal(r, now + 3 * T);
     limits_conn_release(a, &ka);
     limits_conn_release(b, &kb);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* So too a token borrowed for a lease the node's cap then refuses: the
@@ -877,11 +866,7 @@ test_rates_node_wide_conn_refused_lease_restores_the_part(void **state)
     assert_int_equal(r, now + T / 2 + T);
     limits_conn_release(a, &ka);
     limits_conn_release(b, &kb);
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 /* A worker whose domains ask for a token of its part less often than the
@@ -922,11 +907,7 @@ test_rates_node_wide_lender_not_starved(void **state)
     assert_true(most <= 5 + 1 + 5 + 1 + 1); /* any second: each part's, and the one owed */
     assert_in_range(ga, 100, 182); /* its own part at least, and what it may borrow */
     assert_true(ga + gb <= 202);   /* 10/s for 20 s, and a token's slack */
-    limits_key_fini(a, &ka);
-    limits_key_fini(b, &kb);
-    limits_free(a);
-    limits_free(b);
-    node_caps_free(t);
+    node_pair_free(a, b, &ka, &kb, t);
 }
 
 static void
