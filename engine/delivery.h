@@ -267,6 +267,11 @@ struct queue_rcpt;
 /* A queue_rcpt_fn: add r (of message id, with its owner) to the batch
  * (arg). */
 int delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r);
+/* The reply a recipient held for its message's DSN (DSN_HELD_TAG) got,
+ * without the report entry the spool keeps in front of it ("dsn-held
+ * STATUS CLASS ..."): the server's text, or our reason; the whole of
+ * r->last_reply when it was not written so (outcome_held.c). */
+const char *delivery_held_reply(const struct queue_rcpt *r);
 /* Submit what is gathered. */
 void delivery_batch_flush(struct delivery_batch *b);
 

@@ -690,7 +690,10 @@ message_json(struct json *out, const struct queue_envelope *env)
                 json_u64(out, r->last_code);
             else
                 json_null(out);
-            json_kstr(out, "last_reply", r->last_reply);
+            /* a held one's: the server's reply, not the DSN entry the
+             * spool keeps in front of it */
+            json_kstr(out, "last_reply",
+                      r->tag == DSN_HELD_TAG ? delivery_held_reply(r) : r->last_reply);
         }
         json_obj_end(out);
     }

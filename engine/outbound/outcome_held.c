@@ -160,6 +160,16 @@ held_entry(const struct queue_rcpt *r, struct outcome_tell *tl, struct outcome_h
     return ok;
 }
 
+const char *
+delivery_held_reply(const struct queue_rcpt *r)
+{
+    struct outcome_tell tl;
+    struct outcome_held_ent e;
+    const char *text;
+    (void)held_entry(r, &tl, &e, &text);
+    return text;
+}
+
 /* The held failures of env as quiet outcomes qo[0..) told by tl[0..),
  * their DSN entries dr[0..) (their strings in e[0..)). Returns how many. */
 unsigned

@@ -365,8 +365,9 @@ def test_deferred_recipient_lets_the_dsn_go():
 
 
 def test_held_failures_shown_and_left_by_flush():
-    """sluicectl message shows a held failure (dsn_held); sluicectl flush
-    leaves it (it failed: no retry), and nothing is tried again."""
+    """sluicectl message shows a held failure (dsn_held) with the
+    server's reply; sluicectl flush leaves it (it failed: no retry), and
+    nothing is tried again."""
     s = Setup(bounce_conf="dsn_wait = 1h")
     try:
         fast, slow, good = recipients()
@@ -376,9 +377,25 @@ def test_held_failures_shown_and_left_by_flush():
         msg = subprocess.run([SLUICECTL, "-s", s.sock, "--json", "message", qid],
                              capture_output=True, text=True, timeout=30)
         assert msg.returncode == 0, msg.stderr
-        states = {r["rcpt"]: r["state"] for r in json.loads(msg.stdout)["recipients"]}
+        rows = {r["rcpt"]: r for r in json.loads(msg.stdout)["recipients"]}
+        states = {a: r["state"] for a, r in rows.items()}
         assert all(states[r] == "dsn_held" for r in fast), states
         assert all(states[r] == "ready" for r in slow), states
+        # A held failure shows the server's reply, as a deferred one does:
+        # before, its last_reply was the DSN entry the spool keeps in front
+        # of it ("dsn-held 5.1.1 invalid_recipient HOST r 1796... 5.1.1 <"),
+        # which sluicectl message and queue printed, cut, as the reply.
+        for r in fast:
+            assert rows[r]["last_code"] == 550, rows[r]
+            assert rows[r]["last_reply"] == "5.1.1 <%s>: no such user here" % r, rows[r]
+        for view, shown in (("message", r"550\s+5\.1\.1 <%s>: no such user here\n"),
+                            ("queue", r"\(550 5\.1\.1 <%s>: no such user here\)\n")):
+            arg = qid if view == "message" else "10"
+            text = subprocess.run([SLUICECTL, "-s", s.sock, view, arg], capture_output=True,
+                                  text=True, timeout=30)
+            assert text.returncode == 0, text.stderr
+            assert "dsn-held" not in text.stdout, text.stdout
+            assert re.search(shown % re.escape(fast[0]), text.stdout), text.stdout
         fl = subprocess.run([SLUICECTL, "-s", s.sock, "--json", "flush"], capture_output=True,
                             text=True, timeout=30)
         assert fl.returncode == 0, fl.stderr
