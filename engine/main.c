@@ -233,6 +233,10 @@ main(int argc, char **argv)
     rc = engine_start(&engine, cfg, err, sizeof(err));
     if (rc < 0) {
         log_msg(LOG_CRIT, "event=start_failed reason=\"%s\"", err);
+        /* Logging to a file, the terminal or the supervisor's journal
+         * would see an exit 1 and nothing else: say why there too. */
+        if (strcmp(cfg->log.file, "-") != 0)
+            fprintf(stderr, "sluice: start failed: %s (log: %s)\n", err, cfg->log.file);
         config_free(cfg);
         return 1;
     }

@@ -369,6 +369,32 @@ def test_a_second_instance_on_the_same_spool_is_refused():
         wd.cleanup()
 
 
+def test_a_start_failure_is_said_on_stderr_when_logging_to_a_file():
+    """With [log] file set, a start that fails (here: a second instance
+    on the same spool) says why on stderr too, not only in the log file:
+    before, the terminal (or the supervisor's journal) saw exit 1 and
+    nothing else."""
+    wd = Workdir("sluice-lockfile-")
+    d = None
+    try:
+        log = os.path.join(wd.path, "sluice.log")
+        conf = config(wd, f"[log]\nfile = {log}\n")
+        d = Daemon(SLUICE, conf)
+        wait_until(lambda: os.path.exists(log) and "event=ready" in open(log).read(), 10,
+                   "ready in the log file")
+        r = run([SLUICE, "-c", conf])
+        assert r.returncode == 1, r
+        reason = (f"spool {wd.path}/spool is in use by another process "
+                  f"(lock {wd.path}/spool/sluice.lock)")
+        assert f"sluice: start failed: {reason} (log: {log})" in r.stderr, r.stderr
+        assert f'event=start_failed reason="{reason}"' in open(log).read()
+        assert d.proc.poll() is None, "the first instance died"
+        assert d.stop() == 0
+    finally:
+        stop_if_running(d)
+        wd.cleanup()
+
+
 def test_config_reference_is_current():
     r = run([SLUICE, "--config-reference"])
     assert r.returncode == 0
