@@ -476,7 +476,8 @@ bounce_nap(struct engine *e, uint64_t ms)
 
 /* Wait until the bounced recipients of w (kept in w->v) have left the
  * spool, deadline_ms (Unix ms) passes or the stop begins (*stopped: it
- * came with some left). One still there with another last outcome than
+ * came with some left). One held there for its message's DSN (dsn_wait)
+ * is done as one gone is. One still there with another last outcome than
  * when selected was decided by a transaction under way (bounce_now
  * leaves those alone: deferred, it waits on) and is not waited for. The
  * workers commit a bounce as any outcome, in their group commits, and
@@ -508,8 +509,13 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms, bool *st
                 bool there = rc != QUEUE_ENOTFOUND, same = rc != 0;
                 for (unsigned r = 0; rc == 0 && r < env->nrcpt && !same; r++)
                     if (env->rcpt[r].index == w->v[x].idx) {
-                        same = env->rcpt[r].last_ms == w->v[x].last_ms;
-                        decided += !same;
+                        /* held for its message's DSN (none was when
+                         * selected, skip_held): failed, by this bounce or
+                         * a transaction's, or relayed; done, not queued */
+                        bool held = env->rcpt[r].tag == DSN_HELD_TAG;
+                        same = !held && env->rcpt[r].last_ms == w->v[x].last_ms;
+                        decided += !same && !held;
+                        break;
                     }
                 there &= rc != 0 || same;
                 if (there)

@@ -103,7 +103,8 @@ static const struct cmd cmds[] = {
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
      "event in the delivery log. The answer waits (up to 8 s) for the bounce's\n"
      "commit: still_queued counts the selected recipients still in the spool then\n"
-     "(deferred by a transaction under way: bounce again); a stop of sluice ends\n"
+     "(deferred by a transaction under way: bounce again), not those bounced and\n"
+     "kept until their message's DSN goes ([bounce] dsn_wait); a stop of sluice ends\n"
      "that wait: an error that counts those still queued (exit 1; the log's\n"
      "event=operator_bounce says note=stopping). This cannot be undone.",
      0, 4, run_scoped},

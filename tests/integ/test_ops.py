@@ -1396,6 +1396,41 @@ def test_bounce_answers_once_done():
         r.close()
 
 
+def test_bounce_counts_failures_held_for_their_dsn_as_done():
+    """Recipients bounced by sluicectl bounce DOMAIN while other
+    recipients of their messages wait (here: a suspended domain's) stay in
+    the spool held for their message's one DSN ([bounce] dsn_wait), as
+    any failure does: they are bounced, with their events, and
+    still_queued counts none of them (it said 40, the operator told to
+    "bounce again", which then found nothing to bounce)."""
+    recs = records_for(["other.test"]) + [
+        "host-record=mx3.test,127.0.0.3", "mx-host=held.test,mx3.test,10",
+        "mx-host=wait.test,mx3.test,10"]
+    r = Relay(recs, domain_conf=stats_conf(), dsn=True)
+    try:
+        ctl_json(r, "suspend", "held.test")
+        ctl_json(r, "suspend", "wait.test")
+        r.inject([msg(i, [f"h{i}@held.test", f"w{i}@wait.test"]) for i in range(40)],
+                 sessions=2)
+        wait_until(lambda: all((domain_row(r, d) or {}).get("ready") == 40
+                               for d in ("held.test", "wait.test")), 30,
+                   "40 messages ready for each domain")
+        doc = ctl_json(r, "bounce", "held.test")
+        assert doc["recipients"] == 40 and doc["still_queued"] == 0, doc
+        wait_until(lambda: len([e for e in raw_events(r.dlog, False)
+                                if e["event"] == "bounce"]) == 40, 30, "40 bounce events")
+        q = ctl_json(r, "queue", "100", "held.test")["messages"]
+        held = [x for m in q for x in m["recipients"] if x["domain"] == "held.test"]
+        assert len(held) == 40 and all(x["state"] == "dsn_held" for x in held), held[:3]
+        p = ctl(r, "bounce", "held.test")  # nothing left to bounce
+        assert p.returncode == 0 and p.stdout.split() == ["recipients", "0", "still_queued",
+                                                          "0"], (p.stdout, p.stderr)
+        assert r.d.count_log("event=operator_bounce what=held.test recipients=40 "
+                             "still_queued=0") == 1
+    finally:
+        r.close()
+
+
 def test_bounce_of_mail_on_a_connection_says_it_stayed():
     """A recipient on a connection when its bounce comes is left to its
     transaction (bounce_now), so it does not leave the spool while the
