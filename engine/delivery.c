@@ -959,11 +959,28 @@ delivery_reconfigure(struct delivery *d)
         t->site_for = NULL;     /* ... and max_connections, its site's ceiling (dest_site) */
         t->affinity_for = NULL; /* ... and the rollups, whose pattern names a site's worker */
         t->mxk = NULL;
+        if (t->site != NULL)
+            t->site->reconf_ceiling = 0;
         /* allow_networks, deny_networks and the listeners may have changed: the usable
          * addresses are counted again (targets.c), so that a destination
          * left with none fails as at a start, saying why. */
         t->targets_for = NULL;
     }
+    /* A site's ceiling is the highest max_connections of its domains
+     * (dest_site raises it as they join): lowered, it is lowered, and the
+     * connections over it end after their transaction (sched_conn_next),
+     * as a start with the lower value would have had no more. */
+    struct dest_iter itc = {0};
+    for (struct dest *t; (t = dest_next(d, &itc)) != NULL;)
+        if (t->site != NULL && t->site->reconf_ceiling < t->pol->max_connections)
+            t->site->reconf_ceiling = t->pol->max_connections;
+    struct dest_iter itc2 = {0};
+    for (struct dest *t; (t = dest_next(d, &itc2)) != NULL;)
+        if (t->site != NULL && t->site->reconf_ceiling != 0) {
+            if (t->site->reconf_ceiling != t->site->win.ceiling)
+                site_window_set_ceiling(&t->site->win, t->site->reconf_ceiling);
+            t->site->reconf_ceiling = 0;
+        }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;
         bool src = strncmp(k->pattern, "src:", 4) == 0; /* else "mx:" */

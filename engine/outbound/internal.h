@@ -233,6 +233,9 @@ struct conn {
                            * max_connections (dest.conns_quitting counts it) */
     bool over_mk, over_sk; /* ... over its [mx] or [source] key's max_connections
                             * (mxkey.quitting counts it) */
+    bool over_site;        /* ... over its site's ceiling, the highest max_connections
+                            * of its domains, which a reload lowered
+                            * (site.conns_quitting counts it) */
     bool detour;          /* opened for a job another MX host refused (policy_host), the
                            * cursor put back behind it: its failure moves it not; it
                            * carries only such jobs of its domain (detour_take), never

@@ -364,12 +364,19 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     /* So too over an [mx] or [source] section's (key_over_cap) */
     bool over_mk = !c->over_mk && key_over_cap(c->mxk, d->w->now);
     bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(c->srck, d->w->now);
-    const char *quit = c->nmsgs >= sched_conn_max_msgs(c)  ? "max_messages"
-                       : d->stopping || d->draining        ? "stopping"
-                       : over || over_mk || over_sk        ? over_cap
-                       : !source_may_send(c)               ? "source_held"
-                       : !shaping_may_send(c)              ? "shaping"
-                                                           : NULL;
+    /* ... and over its site's ceiling: the domains of a site share its
+     * connections, each under its own max_connections, so the site holds
+     * as many as the highest of them allows; a reload that lowered
+     * them all (delivery_reconfigure) leaves the site more than that */
+    struct site *cs = c->site;
+    bool over_site =
+        !c->over_site && cs != NULL && cs->conns > cs->conns_quitting + cs->win.ceiling;
+    const char *quit = c->nmsgs >= sched_conn_max_msgs(c)        ? "max_messages"
+                       : d->stopping || d->draining              ? "stopping"
+                       : over || over_mk || over_sk || over_site ? over_cap
+                       : !source_may_send(c)                     ? "source_held"
+                       : !shaping_may_send(c)                    ? "shaping"
+                                                                 : NULL;
     if (quit != NULL) {
         if (quit == over_cap && over && !c->over_cap) {
             c->over_cap = true;
@@ -385,6 +392,10 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             c->over_sk = true;
             c->srck->quitting++;
             limits_key_excess_taken(&c->srck->lim);
+        }
+        if (quit == over_cap && over_site) {
+            c->over_site = true;
+            cs->conns_quitting++;
         }
         c->quit_why = quit;
         *what = SCHED_NEXT_QUIT;
@@ -920,8 +931,11 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (c->over_cap && t->conns_quitting > 0)
         t->conns_quitting--;
     d->stats.open--;
-    if (site != NULL)
+    if (site != NULL) {
         site->conns--;
+        if (c->over_site && site->conns_quitting > 0)
+            site->conns_quitting--;
+    }
     site_addr_give(&d->sites, c->slot, c->slot_yielded);
     c->slot = NULL;
     c->slot_yielded = false;

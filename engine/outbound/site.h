@@ -186,6 +186,10 @@ struct site {
     unsigned refs;           /* destinations and connections pointing here */
     char key[SITE_KEY_MAX];  /* "mx1.example,mx2.example:25", or "route:host:port" */
     unsigned conns;          /* open or opening */
+    unsigned conns_quitting; /* of them: told to end over a ceiling a reload lowered
+                              * (conn.over_site) */
+    unsigned reconf_ceiling; /* scratch of delivery_reconfigure(): the highest
+                              * max_connections of its domains; 0: none seen */
     struct site_window win;
     struct conn *idle;       /* borrowed: idle connections of the site, any domain */
     struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */

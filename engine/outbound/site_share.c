@@ -93,7 +93,8 @@ want_pop(struct site *s)
 
 /* The site of t's answer, joined when the answer is new; its window's
  * ceiling raised to t's max_connections then, and after a reload
- * (delivery_reconfigure asks again). */
+ * (delivery_reconfigure asks again, having set each site's ceiling to
+ * the highest max_connections of its domains: lowered too). */
 void
 dest_site(struct dest *t)
 {

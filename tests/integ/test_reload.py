@@ -4,7 +4,8 @@ broken file is refused with the old table kept. It also reloads the
 config: a domain's new rate limit takes effect with no connection dropped,
 what needs a restart is reported as kept, and a broken config is refused.
 A lowered max_connections_per_address ends the connections over it after
-their transaction.
+their transaction, and so does a lowered max_connections those of a site
+(the domains sharing one MX host) over it.
 A reload keeps little memory: 50 of them, with mail coming in between,
 grow sluice's resident memory by a few MB at most (each kept about 280 KB
 before: the built-in bounce rules and the shaping rules, compiled again
@@ -228,6 +229,68 @@ def test_sighup_lowers_max_connections_per_address():
             most = max(most, open_now())
             time.sleep(0.05)
         assert most <= 2, f"{most} connections open past the cap of 2"
+        after = len([x for x in rx.records() if x["ev"] == "msg"])
+        assert after > len(got), "no mail went on the two connections left"
+    finally:
+        if rx is not None:
+            rx.stop()
+        r.close()
+
+
+def test_sighup_lowering_max_connections_lowers_a_sites_connections():
+    """[domain *] max_connections lowered by a reload while a campaign's
+    mail to 20 domains on one MX host (one site: their connections
+    shared) flows to a slow receiver: the site's connections come down to
+    the new value after their transaction and stay there, as a start with
+    that value would have them. Before, the site kept the ceiling of the
+    start (the highest max_connections its domains had: 6), each domain
+    under its own cap of 2 but the site holding 6 connections, and
+    sluicectl sites said MAX 6, for as long as the mail flowed."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_delivery
+    from test_delivery import Relay, records_for
+    from test_campaign_mix import Receiver, established
+    from harness import wait_until
+    test_delivery.SLUICE = SLUICE
+    domains = [f"d{i}.test" for i in range(20)]
+    sock = None
+    r = Relay(records_for(domains), with_sink=False,
+              domain_conf="[domain *]\nmax_connections = 6\n[stats]\nsocket = @DLOG@.sock\n")
+    sock = r.dlog + ".sock"
+    rx = None
+    try:
+        rx = Receiver(r.wd, "127.0.0.1", r.mx_port, "slow", "--delay", "0.2")
+        n = 400  # 13 s at 6 connections, 40 s at 2: still flowing at the check
+        r.inject([("s@example.com", [f"u{i}@{domains[i % 20]}"],
+                   f"Subject: {i}\r\nX-Test-Id: m{i}\r\n\r\nx\r\n".encode())
+                  for i in range(n)], sessions=2)
+
+        def open_now():
+            return established(r.d.pid, r.mx_port).get("127.0.0.1", 0)
+
+        def site():
+            (row,) = stats_ask(sock, "sites")["sites"]
+            return row
+        wait_until(lambda: open_now() == 6, 30, "6 connections to the slow receiver")
+        conf = os.path.join(r.wd.path, "sluice.conf")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("max_connections = 6", "max_connections = 2"))
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log("event=config_reloaded")
+        assert site()["max_connections"] == 2, site()
+        # A transaction takes 0.2 s there: the extra ones end within a few.
+        wait_until(lambda: open_now() <= 2, 10, "the connections down to the new cap")
+        got = [x for x in rx.records() if x["ev"] == "msg"]
+        assert len(got) < n - 20, f"{len(got)} of {n} delivered: the check came too late"
+        # ... and stay there while the mail goes on (sampled for 2 s)
+        most = 0
+        for _ in range(40):
+            most = max(most, open_now())
+            time.sleep(0.05)
+        assert most <= 2, f"{most} connections open past the cap of 2"
+        assert site()["connections"] <= 2 and site()["window"] <= 2, site()
         after = len([x for x in rx.records() if x["ev"] == "msg"])
         assert after > len(got), "no mail went on the two connections left"
     finally:
