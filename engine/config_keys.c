@@ -164,11 +164,14 @@ static const struct conf_key log_keys[] = {
     {"level", CONF_ENUM, LOG(level), 0, 0, "info", "lowest level written", log_levels},
     {"delivery_log", CONF_STRING, LOG(delivery_log), 1, PATH_MAX, NULL,
      "the JSON Lines delivery log (one event per line: reception, delivery, "
-     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, suppressed); reopened "
-     "on SIGHUP; unset: none",
+     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, suppressed, "
+     "shaping_started, shaping_ended, rejection); reopened on SIGHUP; unset: none",
      NULL},
     {"delivery_log_flush", CONF_DURATION, LOG(delivery_log_flush), 10, 10000, "200ms",
-     "longest time an event waits in memory before it is written", NULL},
+     "longest time an event waits in memory before it is written (not synced: a kill -9 or "
+     "a power loss loses the events still waiting, whose outcomes the spool has committed; "
+     "an [events] sink gets every event, committed with its outcome)",
+     NULL},
     {"delivery_log_headers", CONF_STRING, LOG(delivery_log_headers), 0, 1024, "",
      "header fields of the injected message copied into every event of it (up to 8, "
      "comma-separated), e.g. X-Campaign-ID, X-Tenant-ID: the first field of each name, its "
