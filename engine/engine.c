@@ -533,8 +533,9 @@ mta_sts_start(const struct config *cfg, struct mta_sts **out, char *err, size_t 
 /* A reload: [delivery] mta_sts turned on starts the store (workers that
  * see the new config before it is stored deliver as without a policy
  * meanwhile, as for a domain whose first check runs). Its [mta_sts]
- * settings are those it started with: a change is logged as kept. */
-void
+ * settings are those it started with: a change is logged as kept, and
+ * returns true (what `sluicectl reload` says waits for a restart). */
+bool
 engine_mta_sts_reload(struct engine *e, const struct config *n)
 {
     struct mta_sts *m = e->mta_sts;
@@ -543,17 +544,17 @@ engine_mta_sts_reload(struct engine *e, const struct config *n)
         int rc = mta_sts_start(n, &m, err, sizeof(err));
         if (rc < 0) {
             log_msg(LOG_ERR, "event=reload_failed what=mta_sts reason=\"%s\"", err);
-            return;
+            return false;
         }
         tlsrpt_set_mailer(mta_sts_tlsrpt(m), engine_tlsrpt_mail, e);
         /* Its thread (and its TLS reports') keeps n to the end. */
         config_gens_pin(e->gens, n);
         e->mta_sts = m;
         log_msg(LOG_NOTICE, "event=mta_sts_started reason=reload");
-        return;
+        return false;
     }
     if (m == NULL)
-        return;
+        return false;
     /* Fetches and report POSTs refuse what deliveries do, now. */
     mta_sts_set_allow(m, &n->delivery);
     const struct config *o = mta_sts_config(m); /* the one it started with */
@@ -570,6 +571,7 @@ engine_mta_sts_reload(struct engine *e, const struct config *n)
     if (!same)
         log_msg(LOG_WARN, "event=reload_kept key=mta_sts note=needs_a_restart "
                           "reason=\"the MTA-STS thread keeps the settings it started with\"");
+    return !same;
 }
 
 int

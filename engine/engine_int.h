@@ -45,8 +45,8 @@ int engine_load_users(struct engine *e, bool *changed, char *err, size_t errlen)
  * list of the tenant cfg names (at start and after each reload). */
 void engine_suppress_fold_tags(struct engine *e, const struct config *cfg);
 /* A reload's MTA-STS: started when n turns it on; the allowed networks
- * of n; settings that need a restart logged as kept. */
-void engine_mta_sts_reload(struct engine *e, const struct config *n);
+ * of n; settings that need a restart logged as kept (then true). */
+bool engine_mta_sts_reload(struct engine *e, const struct config *n);
 
 /* engine_reload.c */
 /* The digest of c's file i; 0: none named, or it cannot be read (the

@@ -267,6 +267,15 @@ report_kept(const struct config *o, const struct config *n, char *out, size_t le
     }
 }
 
+/* Append ", key" (or "key" first) to the list of keys kept, out. */
+static void
+kept_add(char *out, size_t len, const char *key)
+{
+    size_t used = strlen(out);
+    if (used < len)
+        snprintf(out + used, len - used, "%s%s", used > 0 ? ", " : "", key);
+}
+
 /* Append ", what" (or "what" first) to the changed list out. */
 static void changed_add(char *out, size_t len, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -397,7 +406,8 @@ engine_reload(struct engine *e, const struct config *ncfg)
             } else {
                 e->warmup_cfg = ncfg; /* it no longer reads the one before */
             }
-            engine_mta_sts_reload(e, ncfg);
+            if (engine_mta_sts_reload(e, ncfg))
+                kept_add(kept, sizeof(kept), "mta_sts");
             engine_suppress_fold_tags(e, ncfg);
             log_set_level((enum log_level)ncfg->log.level);
             /* The users of the new config's file, before the log line
@@ -423,9 +433,15 @@ engine_reload(struct engine *e, const struct config *ncfg)
          * only when there is a sink (with the delivery log's writers). */
         if (e->events != NULL)
             events_reconfigure(e->events, ncfg->events, ncfg->nevents);
-        else if (ncfg->nevents > 0)
+        else if (ncfg->nevents > 0) {
             log_msg(LOG_WARN, "event=reload_kept key=events note=needs_a_restart "
                               "reason=no_sink_at_start");
+            if (e->cfg == ncfg) { /* taken: what `sluicectl reload` says */
+                pthread_mutex_lock(&e->reload_lock);
+                kept_add(e->reload_kept, sizeof(e->reload_kept), "events");
+                pthread_mutex_unlock(&e->reload_lock);
+            }
+        }
     }
     if (e->dlog != NULL)
         dlog_reopen(e->dlog); /* logrotate: the writer thread reopens the path */

@@ -1924,6 +1924,37 @@ def test_reload_says_what_changed():
         r.close()
 
 
+def test_reload_says_the_first_event_sink_and_mta_sts_wait_for_a_restart():
+    """A first [events] sink added by a reload, and [mta_sts] settings
+    changed while its thread runs, need a restart (the log said
+    event=reload_kept); sluicectl reload said only "reload done: changed
+    +[events hook]", and sluicectl events then showed no sink: the
+    backend's webhook got nothing while the operator believed it on."""
+    r = Relay(records_for(["r.test"]), domain_conf=stats_conf())
+    try:
+        path = os.path.join(r.wd.path, "sluice.conf")
+        with open(path) as f:
+            good = f.read()
+        with open(path, "w") as f:
+            f.write(good + f"[events hook]\nurl = http://127.0.0.1:{free_port()}/ev\n")
+        p = ctl(r, "reload")
+        assert p.returncode == 0, (p.stdout, p.stderr)
+        lines = p.stdout.splitlines()
+        assert lines[0] == "reload done: changed +[events hook]", p.stdout
+        assert lines[1:] == ["not in force until a restart: events"], p.stdout
+        assert ctl_json(r, "reload")["needs_restart"] == "events"
+        assert r.d.count_log("event=reload_kept key=events") == 2
+        with open(path, "w") as f:
+            f.write(good + "[mta_sts]\nfetch_timeout = 3s\n")
+        p = ctl(r, "reload")
+        assert p.returncode == 0, (p.stdout, p.stderr)
+        lines = p.stdout.splitlines()
+        assert lines[1:] == ["not in force until a restart: mta_sts"], p.stdout
+        assert r.d.count_log("event=reload_kept key=mta_sts") == 1
+    finally:
+        r.close()
+
+
 def test_reload_says_which_files_changed():
     """The TLS certificate and key, the users file and the DKIM keys are
     read again at every reload, under the same names: sluicectl reload
