@@ -721,7 +721,14 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
             dcount_apply(&dcache.v[i], x);
             const struct domain_policy *pol = config_domain(e->cfg, x->name);
             x->max_connections = pol->max_connections;
-            snprintf(x->limit_reason, sizeof(x->limit_reason), "waiting for its retry");
+            /* suspended (an operator's suspend is a shaping action, kept
+             * with no destination in memory) as a worker's row says */
+            struct shaping_verdict sv;
+            x->suspended = shaping_check(e->shaping, e->cfg->shaping_rules, "", NULL, x->name,
+                                         clock_unix_ms(), &sv) &&
+                           sv.suspended;
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
+                     x->suspended ? "suspended by the operator" : "waiting for its retry");
         }
     }
     pthread_mutex_unlock(&dcache.lock);

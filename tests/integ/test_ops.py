@@ -21,7 +21,7 @@ import time
 from harness import (Redis, Smtp, Sluice, Workdir, _spool_tool, free_port, main, mdb_entries,
                      skip, wait_until)
 import test_delivery
-from test_delivery import Relay, Sink, connectable, records_for, wait_sink
+from test_delivery import Relay, Sink, connectable, deferrals, records_for, wait_sink
 from test_outcomes import events, log_conf_text, wait_events
 
 SLUICE = sys.argv[1]
@@ -719,6 +719,34 @@ def test_suspend_and_resume():
         assert ["for", "10m"] in rows and "for_ms" not in text.stdout, text.stdout
         assert ctl_json(r, "resume", "free.test")["suspended"] is False
         one_line_error(ctl(r, "suspend", "bad!domain"), 1)
+    finally:
+        r.close()
+
+
+def test_domains_show_a_suspended_domain_whose_mail_waits_for_its_retry():
+    """A domain suspended while all its mail waits in the spool for its
+    retry (deferred, its destination forgotten once idle) is shown
+    suspended: its row said suspended no, "waiting for its retry", as
+    if the suspend had not been taken."""
+    r = Relay(records_for(["held.test"]), sink_flags=["-r", "rcpt"],
+              delivery_conf="destination_idle_ttl = 1s", domain_conf=stats_conf())
+    try:
+        r.inject([msg(i, [f"u{i}@held.test"]) for i in range(3)])
+        wait_until(lambda: len(deferrals(r)) == 3, 30, "3 recipients deferred")
+
+        def waiting():
+            row = domain_row(r, "held.test") or {}
+            return row.get("deferred") == 3 and row.get("limit_reason") == "waiting for its retry"
+        wait_until(waiting, 30, "held.test known by its spool count alone")
+        assert ctl_json(r, "suspend", "held.test")["suspended"] is True
+        row = domain_row(r, "held.test")
+        assert row["suspended"] is True, row
+        assert row["limit_reason"] == "suspended by the operator", row
+        text = ctl(r, "domains")
+        assert text.returncode == 0 and "suspended by the operator" in text.stdout, text.stdout
+        assert ctl_json(r, "resume", "held.test")["suspended"] is False
+        row = domain_row(r, "held.test")
+        assert row["suspended"] is False and row["limit_reason"] == "waiting for its retry", row
     finally:
         r.close()
 
