@@ -417,16 +417,20 @@ ops_counters(void *arg, struct stats_counters *out)
     warmup_counters(e, out);
     shaping_counters(e, out);
     struct queue_counts qc;
-    if (queue_counts(e->queue, &qc, NULL, NULL) == 0) {
-        out->queue_msgs = qc.messages;
-        out->queue_rcpts = qc.ready + qc.deferred;
-        out->queue_deferred = qc.deferred;
-    }
     struct queue_stats qs;
     queue_stats(e->queue, &qs);
     out->map_size = qs.map_size;
     out->map_used = qs.map_used;
+    /* the messages' pages: map_used is the highest page in use, and
+     * keeps what a campaign took once it is delivered (LMDB keeps freed
+     * pages for reuse, the map never shrinks) */
     out->spool_bytes = qs.map_used;
+    if (queue_counts(e->queue, &qc, NULL, NULL) == 0) {
+        out->queue_msgs = qc.messages;
+        out->queue_rcpts = qc.ready + qc.deferred;
+        out->queue_deferred = qc.deferred;
+        out->spool_bytes = qc.bytes;
+    }
     out->spool_corrupt = qs.corrupt;
     out->spool_unconfirmed_removed = qs.unconfirmed_removed;
     out->spool_sync_failing_refused = qs.sync_failing_refused;

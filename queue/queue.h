@@ -570,6 +570,8 @@ struct queue_counts {
     uint64_t messages; /* totals only */
     uint64_t ready;    /* recipients */
     uint64_t deferred; /* recipients */
+    uint64_t bytes;    /* totals only: the pages the messages take (envelopes, bodies,
+                        * recipients and their due index), not those LMDB keeps free */
     /* Per domain only (zero in the totals): */
     uint64_t oldest_ms; /* queue_id_time_ms() of its oldest recipient, ready or deferred,
                          * a held one (QUEUE_TAG_HELD) left out: it waits for no try */
@@ -580,7 +582,7 @@ struct queue_counts {
 
 typedef int queue_domain_fn(void *arg, const char *domain, const struct queue_counts *c);
 
-/* Totals in *total, cheaply (from the databases' entry counts). When cb is
+/* Totals in *total, cheaply (from the databases' entry and page counts). When cb is
  * not NULL, also the counts per recipient domain, which scans every
  * recipient (for operators, not hot paths); cb is called once per domain
  * after the scan, with no transaction open. Returns 0 or a code. */

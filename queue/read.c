@@ -699,12 +699,19 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
     int rc = read_begin(q, &txn);
     if (rc != 0)
         return queue_lmdb_err(rc);
-    MDB_stat sm, sr, sd;
-    if ((rc = mdb_stat(txn, q->dbi_msg, &sm)) == 0 && (rc = mdb_stat(txn, q->dbi_rcpt, &sr)) == 0)
-        rc = mdb_stat(txn, q->dbi_due, &sd);
+    MDB_stat sm, sr, sd, sb;
+    if ((rc = mdb_stat(txn, q->dbi_msg, &sm)) == 0 && (rc = mdb_stat(txn, q->dbi_rcpt, &sr)) == 0 &&
+        (rc = mdb_stat(txn, q->dbi_due, &sd)) == 0)
+        rc = mdb_stat(txn, q->dbi_body, &sb);
     mdb_txn_abort(txn);
     if (rc != 0)
         return queue_lmdb_err(rc);
+    total->bytes = 0;
+    const MDB_stat *st[] = {&sm, &sr, &sd, &sb};
+    for (size_t i = 0; i < sizeof(st) / sizeof(st[0]); i++)
+        total->bytes +=
+            (uint64_t)(st[i]->ms_branch_pages + st[i]->ms_leaf_pages + st[i]->ms_overflow_pages) *
+            st[i]->ms_psize;
     total->messages = sm.ms_entries;
     total->deferred = sd.ms_entries;
     total->ready = sr.ms_entries > sd.ms_entries ? sr.ms_entries - sd.ms_entries : 0;

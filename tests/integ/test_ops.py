@@ -751,6 +751,32 @@ def test_domains_show_a_suspended_domain_whose_mail_waits_for_its_retry():
         r.close()
 
 
+def test_spool_bytes_are_the_messages_not_the_maps_high_water_mark():
+    """sluicectl stats' "message data" (spool.bytes, sluice_spool_bytes)
+    is what the queued messages take: it was the map's highest page in
+    use, which a campaign delivered leaves where it was (LMDB keeps freed
+    pages for reuse): 60 messages queued read 1.2 GiB."""
+    r = Relay(records_for(["held.test"]), domain_conf=stats_conf())
+    try:
+        ctl_json(r, "suspend", "held.test")
+        body = ("Subject: big\r\n\r\n" + ("x" * 998 + "\r\n") * 200).encode()  # 200 KB
+        r.inject([("s@example.com", [f"u{i}@held.test"], body) for i in range(20)])
+        spool = ctl_json(r, "stats")["spool"]
+        assert spool["bytes"] >= 20 * 200000, spool
+        assert spool["bytes"] <= spool["map_used"], spool
+        ctl_json(r, "resume", "held.test")
+        wait_sink(r, 20, timeout=60)
+        wait_until(lambda: ctl_json(r, "stats")["queue"]["messages"] == 0, 30, "an empty queue")
+        spool = ctl_json(r, "stats")["spool"]
+        assert spool["map_used"] >= 20 * 200000, spool  # the map keeps its pages
+        assert spool["bytes"] < 200000, spool  # the messages are gone
+        text = ctl(r, "stats")
+        line = [ln for ln in text.stdout.splitlines() if "message data" in ln]
+        assert line and "MiB" not in line[0] and "GiB" not in line[0], line
+    finally:
+        r.close()
+
+
 def test_domains_show_a_suspended_campaigns_mail():
     """A suspended campaign's jobs are parked, on no destination's queue:
     `sluicectl domains` showed its destination with nothing waiting (or
