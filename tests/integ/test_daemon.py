@@ -424,4 +424,5 @@ if __name__ == "__main__":
           test_sigint_stops_too, test_sighup_reopens_log, test_a_crash_leaves_its_line,
           test_config_reference_is_current,
           test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused,
-          test_a_second_instance_on_the_same_spool_is_refused])
+          test_a_second_instance_on_the_same_spool_is_refused,
+          test_a_start_failure_is_said_on_stderr_when_logging_to_a_file])

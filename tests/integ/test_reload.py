@@ -602,4 +602,5 @@ if __name__ == "__main__":
     main([test_sighup_reloads_users, test_sighup_reloads_domain_limits,
           test_sighup_lowers_max_connections_per_address,
           test_reloads_keep_little_memory, test_reloads_free_replaced_configs,
-          test_reload_says_what_redis_and_backoff_keep, test_sighup_while_the_config_is_read])
+          test_reload_says_what_redis_and_backoff_keep, test_sighup_while_the_config_is_read,
+          test_sighup_lowering_max_connections_lowers_a_sites_connections])
