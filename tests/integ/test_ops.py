@@ -2351,8 +2351,8 @@ if __name__ == "__main__":
           test_domains_of_deferred_mail_across_a_restart,
           test_domains_oldest_counts_mail_in_flight,
           test_bounce_by_id_and_domain,
-        test_bounce_answers_once_done,
-        test_bounce_of_mail_on_a_connection_says_it_stayed,
+          test_bounce_answers_once_done,
+          test_bounce_of_mail_on_a_connection_says_it_stayed,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
           test_shaping_by_hand_without_redis_says_this_node,
@@ -2361,4 +2361,8 @@ if __name__ == "__main__":
           test_reload_says_which_files_changed, test_queue_lists_like_mailq,
           test_queue_answer_has_a_size_cap,
           test_sigterm_drains_and_restart_loses_nothing,
-          test_spool_dump_is_json_whatever_the_reply])
+          test_spool_dump_is_json_whatever_the_reply,
+          test_bounce_counts_failures_held_for_their_dsn_as_done,
+          test_domains_show_a_suspended_domain_whose_mail_waits_for_its_retry,
+          test_reload_says_the_first_event_sink_and_mta_sts_wait_for_a_restart,
+          test_spool_bytes_are_the_messages_not_the_maps_high_water_mark])
