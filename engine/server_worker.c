@@ -427,16 +427,20 @@ server_worker_reconfigure(struct server_worker *sw)
 
 /* A stop is under way: s, waiting for a command outside a transaction
  * or for its greeting (greet_pause), is told so and closed (RFC 5321
- * 3.8: a server shut down SHOULD send 421). True when it was. One in a transaction finishes it first, within
- * the stop's drain, and is told when it is back to waiting for a command
- * (session_drain_check), or at its next command (run_commands). */
+ * 3.8: a server shut down SHOULD send 421). True when it was. One in a
+ * transaction finishes it first, within the stop's drain, and is told
+ * when it is back to waiting for a command (session_drain_check), or at
+ * its next command (run_commands); once the worker is sealed nothing it
+ * sends can be stored, and one waiting for a command in its envelope is
+ * told at once (server_worker_drain_seal): it was cut without a word
+ * when the loop ended, the drain done before it sent its DATA. */
 bool
 session_drain_close(struct session *s)
 {
-    if ((s->state != SS_COMMAND && s->state != SS_PREGREET) || s->in_txn)
+    if ((s->state != SS_COMMAND && s->state != SS_PREGREET) || (s->in_txn && !s->sw->sealed))
         return false;
-    log_msg(LOG_INFO, "session=%016llx event=shutting_down client=%s", (unsigned long long)s->id,
-            s->peer_ip);
+    log_msg(LOG_INFO, "session=%016llx event=shutting_down client=%s%s",
+            (unsigned long long)s->id, s->peer_ip, s->in_txn ? " note=transaction_dropped" : "");
     reply_close(s, "421 4.3.2 Service shutting down: try again later");
     return true;
 }
@@ -485,10 +489,21 @@ server_worker_drain_seal(struct server_worker *sw)
      * must not keep the worker storing messages that end from now on
      * (the loop may stop before their 250 leaves). The drain itself is
      * done when those replies left too, or at drain_timeout. */
-    if (!sw->sealed)
+    if (!sw->sealed) {
         log_msg(LOG_INFO, "event=drain_sealed closing=%u note=messages_ending_now_refused",
                 closing);
-    sw->sealed = true;
+        sw->sealed = true;
+        /* The sessions waiting for a command in their envelope: told
+         * now (session_drain_close), their 421 leaving within the drain */
+        for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
+            next = s->next;
+            if (s->in_txn && session_drain_close(s))
+                session_run(s);
+        }
+        closing = 0;
+        for (const struct session *s = sw->sessions; s != NULL; s = s->next)
+            closing += s->state == SS_CLOSING;
+    }
     return closing == 0;
 }
 

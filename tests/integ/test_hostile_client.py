@@ -357,6 +357,31 @@ def test_disconnect_line_says_why_a_client_got_nowhere():
         assert line.endswith(" commands=3/3"), line
 
 
+def test_stop_tells_a_client_in_its_envelope_421():
+    """A client that gave its envelope (MAIL, RCPT) and waits before its
+    DATA when sluice stops (SIGTERM) is told 421 4.3.2 once nothing it
+    sends could be stored any more (the drain sealed), as an idle client
+    is: before, with nothing in flight the drain was done at once and
+    the stop cut it without a word (a newsletter backend's client saw
+    "Connection unexpectedly closed" in the middle of its recipients).
+    Its transaction is logged dropped, and nothing is stored."""
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("EHLO a.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.org>", 250)
+        c.expect("RCPT TO:<c@example.org>", 250)
+        d.stop_clean()
+        bye = c.reply()
+        assert bye.code == 421 and bye.raw.startswith("421 4.3.2 "), bye
+        assert c.is_closed(5)
+        c.close()
+        (line,) = d.log_lines("event=shutting_down")
+        assert line.endswith(" note=transaction_dropped"), line
+        assert d.log_lines(LOST) == [], d.log_lines(LOST)
+        assert spool_messages(d.spool) == []
+
+
 def test_stop_with_transactions_open_says_what_it_dropped():
     """sluice stopped (SIGTERM) while clients are in DATA, in a BDAT
     chunk, and idle: it exits 0, stores nothing of the open
@@ -1204,6 +1229,7 @@ if __name__ == "__main__":
         test_rcpt_between_bdat_chunks_refused,
         test_disconnect_line_says_why_a_client_got_nowhere,
         test_stop_with_transactions_open_says_what_it_dropped,
+        test_stop_tells_a_client_in_its_envelope_421,
         test_stop_answers_a_message_whose_commit_is_pending,
         test_drain_timeout_with_a_commit_pending_logs_it_queued,
         test_a_spool_that_never_answers_cannot_hold_the_stop,
