@@ -166,10 +166,13 @@ struct engine {
     /* A SIGHUP in the drain or the stop reopens the logs each time but
      * is logged once a second at most (engine_reload.c, hup_ignored):
      * when the next line may go (CLOCK_MONOTONIC ms), and the SIGHUPs
-     * taken since the last line and not logged. The main thread in the
-     * drain, the stop's taker of SIGHUP after it: one at a time. */
+     * taken since the last line and not logged, and whether the last
+     * line said the log's reopen failed (one that says otherwise goes at
+     * once). The main thread in the drain, the stop's taker of SIGHUP
+     * after it: one at a time. */
     _Atomic uint64_t hup_log_next_ms;
     _Atomic unsigned hup_unlogged;
+    atomic_bool hup_log_failed;
     bool stop_takes_hup;       /* engine_drain was given signals to wait for (its caller
                                 * takes signals, SIGHUP blocked): engine_stop takes
                                 * SIGHUP too, by a thread of its own (struct stop_hup,

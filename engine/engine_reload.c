@@ -536,7 +536,8 @@ engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
  * the line is in the new file. One line a second at most: a storm of
  * SIGHUPs in a drain (a loop of kill -HUP, a logrotate run per file)
  * wrote one each, thousands; each is still a reopen, and the next line
- * counts those not logged since the last (unlogged_before). */
+ * counts those not logged since the last (unlogged_before). A reopen
+ * whose outcome differs from the last line's is logged at once. */
 static void
 hup_ignored(struct engine *e, const siginfo_t *si, const char *reason, struct dlog *dl,
             const char *dl_state)
@@ -545,11 +546,17 @@ hup_ignored(struct engine *e, const siginfo_t *si, const char *reason, struct dl
     if (dl != NULL)
         dlog_reopen(dl);
     uint64_t now = clock_mono_ms();
-    if (now < atomic_load(&e->hup_log_next_ms)) {
+    /* A reopen that fails where the last line's worked (the log's
+     * directory gone, a disk full) is said at once, and so is one that
+     * works again: a rotation right after another in the same second
+     * left its failure unsaid, the log kept in the renamed file. */
+    bool failed = rc < 0;
+    if (now < atomic_load(&e->hup_log_next_ms) && failed == atomic_load(&e->hup_log_failed)) {
         atomic_fetch_add(&e->hup_unlogged, 1);
         return;
     }
     atomic_store(&e->hup_log_next_ms, now + HUP_LOG_EVERY_MS);
+    atomic_store(&e->hup_log_failed, failed);
     unsigned before = atomic_exchange(&e->hup_unlogged, 0);
     if (rc < 0)
         log_msg(LOG_ERR,
