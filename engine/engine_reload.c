@@ -676,5 +676,12 @@ engine_stop_hup_end(struct stop_hup *h)
     siginfo_t si;
     for (unsigned i = 0; i < 4 && sigtimedwait(&hup, &si, &now) == SIGHUP; i++)
         stop_hup_take(h, &si);
+    /* Those taken since the last line of the once-a-second limit
+     * (hup_ignored): no later line comes to count them */
+    unsigned unlogged = atomic_exchange(&h->e->hup_unlogged, 0);
+    if (unlogged > 0)
+        log_msg(LOG_WARN, "event=reload_ignored_unlogged count=%u reason=stopping "
+                          "note=sighups_taken_since_the_last_reload_ignored_line",
+                unlogged);
     pthread_mutex_destroy(&h->mu);
 }
