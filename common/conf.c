@@ -163,9 +163,9 @@ conf_parse_rate(const char *s, struct conf_rate *out)
         rc = conf_parse_duration(end, &per); /* "100/10s" */
         if (rc < 0)
             return rc;
-    } else if (strcmp(end, "s") == 0 || strcmp(end, "sec") == 0) {
+    } else if (strcmp(end, "s") == 0 || strcmp(end, "sec") == 0 || strcmp(end, "second") == 0) {
         per = 1000;
-    } else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0) {
+    } else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0 || strcmp(end, "minute") == 0) {
         per = 60 * 1000;
     } else if (strcmp(end, "h") == 0 || strcmp(end, "hour") == 0) {
         per = 3600 * 1000;
@@ -455,7 +455,7 @@ set_value(const struct conf_key *k, void *obj, const char *value, char *err, siz
         break;
     case CONF_RATE:
         rc = conf_parse_rate(value, (struct conf_rate *)p);
-        expect = "a rate like 50/s, 3000/min, 100/h, or unlimited";
+        expect = "a rate like 50/s, 3000/min, 100/h, 20000/d, 100/10s, or unlimited";
         break;
     case CONF_DURATIONS:
         rc = conf_parse_durations(value, (struct conf_durations *)p);

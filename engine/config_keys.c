@@ -481,12 +481,13 @@ const struct conf_key config_domain_keys[] = {
      "when Redis is back, or a later one: every lease_ttl/3)",
      NULL},
     {"max_message_rate", CONF_RATE, DOM(max_message_rate), 0, 0, "unlimited",
-     "messages per second, minute or hour (50/s, 3000/h); across all nodes with [redis] url",
+     "messages per second, minute, hour or day (50/s, 3000/h, 20000/d, or per a duration: "
+     "100/10s); across all nodes with [redis] url",
      NULL},
     {"message_burst", CONF_UINT, DOM(message_burst), 0, 1000000, "0",
      "messages that may go at once beyond the steady rate", NULL},
     {"max_connection_rate", CONF_RATE, DOM(max_connection_rate), 0, 0, "unlimited",
-     "new connections per second, minute or hour (an open connection of the site taking up "
+     "new connections per second, minute, hour or day (an open connection of the site taking up "
      "the domain's mail opens none); across all nodes with [redis] url",
      NULL},
     {"connection_burst", CONF_UINT, DOM(connection_burst), 0, 100000, "0",
@@ -553,11 +554,11 @@ const struct conf_key config_domain_keys[] = {
      "the refresh when it is back)",                                                              \
      NULL},                                                                                        \
         {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
-         "messages per second, minute or hour to the matching MX hosts", NULL},                    \
+         "messages per second, minute, hour or day to the matching MX hosts", NULL},               \
         {"message_burst", CONF_UINT, MXP(message_burst), 0, 1000000, "0",                          \
          "messages beyond the steady rate", NULL},                                                 \
         {"max_connection_rate", CONF_RATE, MXP(max_connection_rate), 0, 0, "unlimited",            \
-         "new connections per second, minute or hour to the matching MX hosts", NULL},            \
+         "new connections per second, minute, hour or day to the matching MX hosts", NULL},       \
         {"connection_burst", CONF_UINT, MXP(connection_burst), 0, 100000, "0",                     \
          "connections beyond the steady rate", NULL},                                              \
         {"max_messages_per_connection", CONF_UINT, MXP(max_messages_per_connection), 0, 1000000,   \

@@ -71,7 +71,9 @@ test_rates(void **state)
         {"100/m", 0, 100, 60000},  {"7/10s", 0, 7, 10000},       {"unlimited", 0, 0, 1000},
         {"0", 0, 0, 1000},         {"50", -EINVAL, 0, 0},         {"50/fortnight", -EINVAL, 0, 0},
         {"/s", -EINVAL, 0, 0},     {"0/s", -ERANGE, 0, 0},        {"5000000000/s", -ERANGE, 0, 0},
-        {"50/s extra", -EINVAL, 0, 0},
+        {"50/s extra", -EINVAL, 0, 0}, {"5/second", 0, 5, 1000},   {"300/minute", 0, 300, 60000},
+        {"2/hour", 0, 2, 3600000},     {"20000/d", 0, 20000, 86400000},
+        {"9/day", 0, 9, 86400000},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         struct conf_rate r = {0, 0};
