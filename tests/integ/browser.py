@@ -117,8 +117,13 @@ class Browser:
         if os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses root with its sandbox
         self.log = open(os.path.join(self.profile, "chromium.log"), "wb")
+        # Its own temporary files (the singleton's socket directory,
+        # org.chromium.Chromium.*) in the profile, removed with it: in
+        # /tmp, two were left behind by every run.
+        tmp = os.path.join(self.profile, "tmp")
+        os.mkdir(tmp)
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=dict(os.environ, TMPDIR=tmp))
         self.ws = None
         self.next_id = 0
         try:
