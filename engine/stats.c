@@ -1107,6 +1107,29 @@ stop_owed(struct client *c)
     return c->req_start != 0 || c->inlen > 0 || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
 }
 
+/* The stop's lingering close of client c, its answer sent and its write
+ * side shut: its input is read and dropped until its end. Closed at once,
+ * a client told that sluice stops before it had written its request (a
+ * client from the backlog) saw its write fail (EPIPE) and never read the
+ * answer waiting for it. Returns whether c was closed (its end came, or
+ * an error). */
+static bool
+stop_linger(struct client *c)
+{
+    char drop[512];
+    for (;;) {
+        ssize_t r = recv(c->fd, drop, sizeof(drop), MSG_DONTWAIT);
+        if (r > 0)
+            continue;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return false;
+        client_close(c);
+        return true;
+    }
+}
+
 /* The stop (stats_server_free, the thread joined, the command thread
  * stopped): the answers the command thread made since the stats thread
  * last took them (a bounce or a flush the stop cut: its error, which
@@ -1115,8 +1138,9 @@ stop_owed(struct client *c)
  * They were freed with the command thread, and sluicectl saw the
  * connection close (exit 3, no reason) while only the log told why.
  * A socket client owed an answer nobody will make is told that sluice
- * stops (stop_owed). Bounded: STOP_ANSWER_MS for every client together,
- * a client that does not read is closed with its answer unsent; the
+ * stops (stop_owed). Each is closed once it has closed its end
+ * (stop_linger). Bounded: STOP_ANSWER_MS for every client together, a
+ * client that does not read, or does not close, is closed then; the
  * caller's wait for the command itself is stats_cmd_stop's. */
 static void
 stop_answers(struct stats_server *s)
@@ -1138,10 +1162,11 @@ stop_answers(struct stats_server *s)
         nfds_t n = 0;
         for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
             struct client *c = &s->clients[i];
-            if (c->fd < 0 || c->outoff >= c->out.len)
-                continue;
-            if (client_flush(s, c, now) == 0 && c->outoff < c->out.len)
+            if (c->fd >= 0 && c->outoff < c->out.len && client_flush(s, c, now) == 0 &&
+                c->outoff < c->out.len)
                 pfd[n++] = (struct pollfd){.fd = c->fd, .events = POLLOUT};
+            else if (c->fd >= 0 && c->draining && !stop_linger(c))
+                pfd[n++] = (struct pollfd){.fd = c->fd, .events = POLLIN};
         }
         if (n == 0 || now >= end)
             return;
@@ -1267,6 +1292,11 @@ stats_server_free(struct stats_server *s)
          * have replaced it (a stale-looking file while this one stopped). */
         if (lstat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
             unlink(s->path);
+        /* A connect that found the path before it went could still join
+         * the backlog after the last accept below, then be reset by the
+         * close: shut, the listener refuses any new one (ECONNREFUSED,
+         * "no sluice"), and the backlog it has is all there is to answer. */
+        shutdown(s->ctl_fd, SHUT_RDWR);
         stop_refuse_backlog(s);
         close(s->ctl_fd);
         s->ctl_fd = -1;
