@@ -366,7 +366,7 @@ static const struct conf_key delivery_keys[] = {
     {"initial_connections", CONF_UINT, DLV(initial_connections), 1, 100000, "1",
      "connections a site (the MX hosts a set of domains share) starts with; it earns one more "
      "per completed transaction while its mail waits for a connection longer than twice the "
-     "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
+     "time one takes to open (and at least 100 ms) or a domain's backlog exceeds 4 jobs per "
      "connection (waits for a message rate's tokens do not count), while its connections do "
      "not queue (the time from MAIL to the go for the body is not 10 times its least of the "
      "last 10 to 20 s, 1 ms and 4 connections' worth over it: sluicectl sites, HEAD), up to "

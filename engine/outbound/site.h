@@ -16,7 +16,7 @@
  * for came: a wait for tokens is not one more connections shorten) for
  * longer than twice the time the site's
  * connections take to open (connect, greeting, EHLO, STARTTLS: a moving
- * average), and at least 25 ms: a connection opened when it came would
+ * average), and at least 100 ms: a connection opened when it came would
  * have carried it sooner; or when more than SITE_BACKLOG_PER_CONN jobs
  * per connection of the site wait behind it in its domain's queue, and
  * no message rate held the domain back in the last second (a
@@ -93,9 +93,16 @@
  * job behind a busy one waits a few, and a window grown for those waits
  * held 4 to 5 times the connections that carried the mail over 100 hosts
  * at 60% of the rate (bench/relay/bench_sites.py: 10 and 25 ms gave the
- * same). Over the Internet twice the setup time (round trips and TLS) is
- * longer. */
-#define SITE_WAIT_MIN_NS 25000000ULL
+ * same). 25 ms was still short of what a worker busy with a cold campaign
+ * makes a job wait: a spool commit hands a site tens of jobs at once, and
+ * on a saturated worker the last of them waits 25 to 100 ms behind the
+ * first whatever the connections, so 10,000 domains over 100 hosts grew
+ * to 6 to 10 connections per address where one carried the mail, and the
+ * extra ones cost the node and the receivers a tenth of the rate (session
+ * 63, bench/README.md). Over the Internet twice the setup time (round
+ * trips and TLS) is longer than either, and a site short of connections
+ * there sees waits that grow without end: it still earns them. */
+#define SITE_WAIT_MIN_NS 100000000ULL
 /* ... or when more jobs of the domain wait behind the one a connection
  * takes than this many per connection of the site (a backlog). */
 #define SITE_BACKLOG_PER_CONN 4

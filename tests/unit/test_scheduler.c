@@ -780,8 +780,8 @@ window_opens_and_grows(void **state)
     assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     assert_int_equal(allowed("a.test"), 2);
     assert_int_equal(f->opened, 2);
-    /* The next job waited 31 ms: the completed transaction earns a third. */
-    f->w.now += MS_TO_NS(30);
+    /* The next job waited 111 ms: the completed transaction earns a third. */
+    f->w.now += MS_TO_NS(110);
     conn_ready(c0, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
@@ -997,10 +997,10 @@ window_holds_while_mail_is_served(void **state)
     assert_int_equal(allowed("a.test"), 1);
     assert_int_equal(f->opened, 1);
     assert_int_equal(f->finished, 40);
-    /* One that waits 30 ms: the site earns a second connection. */
+    /* One that waits 110 ms: the site earns a second connection. */
     submit("late.test", 1);
     answer("late.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    f->w.now += MS_TO_NS(30);
+    f->w.now += MS_TO_NS(110);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
@@ -1729,7 +1729,7 @@ idle_connection_takes_other_domain(void **state)
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_ptr_equal(c->dest, one);
-    f->w.now += MS_TO_NS(30);
+    f->w.now += MS_TO_NS(110);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     /* No job has waited yet for a connection: no second one. */
     assert_int_equal(f->opened, 1);
@@ -1739,7 +1739,7 @@ idle_connection_takes_other_domain(void **state)
     assert_ptr_equal(c->dest, two);
     assert_int_equal(one->conns, 0);
     assert_int_equal(two->conns, 1);
-    /* two's job waited 31 ms, over twice the 1 ms a connection takes to
+    /* two's job waited 111 ms, over twice the 1 ms a connection takes to
      * open and SITE_WAIT_MIN_NS: the window grows to 2 and two opens its
      * own. */
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));

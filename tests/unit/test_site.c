@@ -33,12 +33,12 @@ window_slow_start_then_additive(void **state)
      * gone sooner on a new one. */
     site_window_on_ready(&w, 20000000);
     /* An unused window earns nothing. */
-    site_window_on_wait(&w, 50000000);
+    site_window_on_wait(&w, 150000000);
     site_window_on_success(&w, 1);
     assert_int_equal(site_window_allowed(&w), 4);
     /* Used: one more per transaction (slow start) up to the ceiling. */
     for (unsigned i = 0; i < 30; i++) {
-        site_window_on_wait(&w, 50000000);
+        site_window_on_wait(&w, 150000000);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_int_equal(site_window_allowed(&w), 20);
@@ -50,13 +50,13 @@ window_slow_start_then_additive(void **state)
     assert_int_equal(site_window_allowed(&w), 10);
     /* Above the threshold: one connection per window of transactions. */
     for (unsigned i = 0; i < 9; i++) {
-        site_window_on_wait(&w, 50000000);
+        site_window_on_wait(&w, 150000000);
         site_window_on_success(&w, 10);
     }
     assert_int_equal(site_window_allowed(&w), 10);
-    site_window_on_wait(&w, 50000000);
+    site_window_on_wait(&w, 150000000);
     site_window_on_success(&w, 10);
-    site_window_on_wait(&w, 50000000);
+    site_window_on_wait(&w, 150000000);
     site_window_on_success(&w, 10);
     assert_int_equal(site_window_allowed(&w), 11);
     /* Failures in a row, each of a new round: down to one, never zero. */
@@ -82,13 +82,13 @@ window_raised_ceiling_keeps_slow_start(void **state)
     site_window_init(&w, 4, 20);
     site_window_on_ready(&w, 20000000);
     for (unsigned i = 0; i < 30; i++) {
-        site_window_on_wait(&w, 50000000);
+        site_window_on_wait(&w, 150000000);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_int_equal(site_window_allowed(&w), 20);
     site_window_set_ceiling(&w, 40);
     for (unsigned i = 0; i < 20; i++) {
-        site_window_on_wait(&w, 50000000);
+        site_window_on_wait(&w, 150000000);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_int_equal(site_window_allowed(&w), 40);
@@ -97,7 +97,7 @@ window_raised_ceiling_keeps_slow_start(void **state)
     assert_int_equal(site_window_allowed(&w), 20);
     site_window_set_ceiling(&w, 80);
     for (unsigned i = 0; i < 20; i++) {
-        site_window_on_wait(&w, 50000000);
+        site_window_on_wait(&w, 150000000);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_true(site_window_allowed(&w) <= 21); /* additive: about one per window */
@@ -121,7 +121,7 @@ window_holds_while_connections_queue(void **state)
     /* A base of 0.1 ms; transactions at the base: grows. */
     for (unsigned i = 0; i < 3; i++) {
         site_window_on_head(&w, ms / 10, now);
-        site_window_on_wait(&w, 50 * ms);
+        site_window_on_wait(&w, 150 * ms);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_int_equal(site_window_allowed(&w), 4);
@@ -131,11 +131,11 @@ window_holds_while_connections_queue(void **state)
         site_window_on_head(&w, 10 * ms, now);
     assert_false(site_window_queues(&w, 4));
     assert_true(site_window_queues(&w, 5));
-    site_window_on_wait(&w, 50 * ms);
+    site_window_on_wait(&w, 150 * ms);
     site_window_on_success(&w, 4);
     assert_int_equal(site_window_allowed(&w), 5);
     for (unsigned i = 0; i < 20; i++) {
-        site_window_on_wait(&w, 50 * ms);
+        site_window_on_wait(&w, 150 * ms);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_int_equal(site_window_allowed(&w), 5); /* held */
@@ -192,7 +192,7 @@ window_head_variance_is_no_queue(void **state)
     assert_true(w.head_avg_ns > 3.0 * 10 * ms && w.head_avg_ns < SITE_HEAD_RATIO * 10 * ms);
     assert_false(site_window_queues(&w, 40));
     for (unsigned i = 0; i < 60; i++) {
-        site_window_on_wait(&w, 100 * ms);
+        site_window_on_wait(&w, 150 * ms);
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_int_equal(site_window_allowed(&w), 40);
@@ -243,15 +243,15 @@ window_grows_only_when_mail_waits(void **state)
     site_window_on_ready(&w, 0); /* on the same tick: counts as a nanosecond */
     assert_true(w.setup_ns > 2000000 && w.setup_ns < 3000000);
     site_window_init(&w, 2, 20);
-    site_window_on_ready(&w, 20000000);
+    site_window_on_ready(&w, 60000000);
     /* Jobs that waited up to twice that: however many transactions. */
     for (unsigned i = 0; i < 50; i++) {
-        site_window_on_wait(&w, 40000000);
+        site_window_on_wait(&w, 120000000);
         site_window_on_success(&w, 2);
     }
     assert_int_equal(site_window_allowed(&w), 2);
     /* One that waited longer: one connection more, once. */
-    site_window_on_wait(&w, 40000001);
+    site_window_on_wait(&w, 120000001);
     site_window_on_success(&w, 2);
     assert_int_equal(site_window_allowed(&w), 3);
     site_window_on_success(&w, 3);
@@ -269,7 +269,7 @@ window_grows_only_when_mail_waits(void **state)
     assert_int_equal(site_window_allowed(&fast), 2);
     /* A wait seen while the window was not in use is kept for the next
      * transaction that finds it in use. */
-    site_window_on_wait(&w, 90000000);
+    site_window_on_wait(&w, 150000000);
     site_window_on_success(&w, 1);
     assert_int_equal(site_window_allowed(&w), 3);
     site_window_on_success(&w, 3);
