@@ -170,9 +170,14 @@ enum smtp_path_flag {
     SMTP_PATH_ROUTE = 1u << 7,      /* a source route was given (and is ignored) */
     SMTP_PATH_DOTS = 1u << 8,       /* unquoted local part with dots leading, trailing
                                        or doubled: sent quoted, counted with the quotes */
+    SMTP_PATH_ROOT_DOT = 1u << 9,   /* domain written with one trailing dot (a@example.com.):
+                                       mailbox and domain leave it out */
 };
 
-/* A path as written inside <...>. Spans point into the parsed line. */
+/* A path as written inside <...>. Spans point into the parsed line. A
+ * domain's one trailing dot, the DNS root, is not in mailbox or domain
+ * (SMTP_PATH_ROOT_DOT): it names the same domain, as Postfix's
+ * trivial-rewrite has it, and nothing after the parser sees it. */
 struct smtp_path {
     struct smtp_span mailbox; /* local@domain, no brackets, no route; empty for <> */
     struct smtp_span local;   /* as written: a quoted local part keeps its quotes */
@@ -267,8 +272,11 @@ size_t smtp_local_canon(const char *local, size_t len, char *buf, const char **o
 
 /*
  * Check a mailbox (local@domain, or empty for the null path) the way
- * smtp_cmd_parse() checks a path's content. utf8: non-ASCII is allowed.
- * Returns 0 or an address error code (SMTP_CMD_E_LOCAL_SYNTAX ...).
+ * smtp_cmd_parse() checks a path's content, but for a trailing dot after
+ * the domain: a mailbox here is one the parser gave (or one as stored),
+ * which has none, and one with it is SMTP_CMD_E_DOMAIN_SYNTAX. utf8:
+ * non-ASCII is allowed. Returns 0 or an address error code
+ * (SMTP_CMD_E_LOCAL_SYNTAX ...).
  */
 int smtp_mailbox_check(const char *addr, size_t len, bool utf8);
 

@@ -2,7 +2,8 @@
  * smtp_cmd_args: the grammar of a command's arguments, for smtp_cmd.c's
  * parser and formatter (see smtp_cmd.h): the path of MAIL and RCPT with
  * its mailbox (a Dot-string or quoted local part, a domain or an address
- * literal, RFC 5321 4.1.2 and 4.1.3, UTF-8 under SMTPUTF8, RFC 6531 3.3),
+ * literal, RFC 5321 4.1.2 and 4.1.3, UTF-8 under SMTPUTF8, RFC 6531 3.3;
+ * a domain's one trailing dot taken and left out, as Postfix does),
  * the bare path some clients send, a local part in its canonical form
  * (smtp_local_canon), and the ESMTP parameters of MAIL and RCPT: SIZE,
  * BODY, SMTPUTF8, RET, ENVID, AUTH, NOTIFY and ORCPT (RFC 1870, 6152,
@@ -307,6 +308,24 @@ parse_mailbox(const char *p, const char *end, bool postmaster, struct mbox *m, c
     else
         rc = smtp_parse_domain(p, end, next, &m->flags);
     m->dom_end = *next;
+    /* One dot after the domain, where the mailbox ends (example.com.>):
+     * the root, the same domain, as Postfix's trivial-rewrite takes it
+     * and backends moved from Postfix send it. It is left out of the
+     * domain here, once, so that everything after the parser (relay
+     * rules, IDN, suppression, the spool, routes, the RCPT sent) sees
+     * example.com. A dot alone, two dots, a dot after a literal stay
+     * refused. */
+    if (rc == SMTP_CMD_E_DOMAIN_SYNTAX && *next > p && (*next)[-1] == '.' &&
+        (*next == end || **next == '>' || **next == ' ')) {
+        const char *dot = *next - 1, *q;
+        rc = smtp_parse_domain(p, dot, &q, &m->flags);
+        if (rc < 0) {
+            *next = q;
+            return rc;
+        }
+        m->dom_end = dot;
+        m->flags |= SMTP_PATH_ROOT_DOT;
+    }
     if (rc == 0 && (m->flags & SMTP_PATH_UTF8) &&
         !utf8_valid((const unsigned char *)local, (size_t)(m->dom_end - local))) {
         *next = local;
@@ -383,6 +402,8 @@ smtp_mbox_check(const char *addr, size_t len, bool utf8, struct mbox *m)
         return rc;
     if (next != end)
         return next < m->dom ? SMTP_CMD_E_LOCAL_SYNTAX : SMTP_CMD_E_DOMAIN_SYNTAX;
+    if (m->flags & SMTP_PATH_ROOT_DOT)
+        return SMTP_CMD_E_DOMAIN_SYNTAX; /* a mailbox as stored or sent has none */
     if ((m->flags & SMTP_PATH_UTF8) && !utf8)
         return SMTP_CMD_E_UTF8_NOT_ALLOWED;
     if (len + 2 + (m->flags & SMTP_PATH_DOTS ? 2 : 0) > SMTP_PATH_MAX)
@@ -407,14 +428,15 @@ mailbox_stray(const char *q, const struct mbox *m)
                                                : SMTP_CMD_E_LOCAL_SYNTAX;
 }
 
-/* path's spans: the mailbox m, parsed from p to q. */
+/* path's spans: the mailbox m, parsed from p (to its domain's end: a
+ * trailing dot left out). */
 static void
-path_fill(struct smtp_path *path, const char *p, const char *q, const struct mbox *m)
+path_fill(struct smtp_path *path, const char *p, const struct mbox *m)
 {
     path->flags |= m->flags;
     path->local = span(p, m->local_end);
     path->domain = span(m->dom, m->dom_end);
-    path->mailbox = span(p, q);
+    path->mailbox = span(p, m->dom_end);
 }
 
 /*
@@ -489,7 +511,7 @@ smtp_parse_path(const char *p, const char *end, bool rcpt, struct smtp_path *pat
         *next = open;
         return SMTP_CMD_E_PATH_TOO_LONG;
     }
-    path_fill(path, p, q, &m);
+    path_fill(path, p, &m);
     *next = q + 1;
     return 0;
 }
@@ -519,7 +541,7 @@ smtp_parse_bare_path(const char *p, const char *end, bool rcpt, struct smtp_path
         *next = p;
         return SMTP_CMD_E_PATH_TOO_LONG;
     }
-    path_fill(path, p, q, &m);
+    path_fill(path, p, &m);
     return 0;
 }
 

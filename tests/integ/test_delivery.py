@@ -601,6 +601,50 @@ def test_addresses_postfix_takes_are_relayed_as_the_receiver_needs_them():
         r.close()
 
 
+def test_trailing_dot_after_the_domain_is_dropped_as_postfix_does():
+    """A domain written with one trailing dot, the DNS root
+    (user@dom.test.), which Postfix takes and its trivial-rewrite drops,
+    is taken at MAIL and RCPT (250) and is the same address as without
+    it from then on: stored once beside its dot-less spelling, logged,
+    routed and relayed as user@dom.test, the sender too; an ORCPT stays
+    as the client gave it. Two dots, a dot alone, a leading dot, no
+    domain, and a dot after an address literal keep today's 553."""
+    import smtplib
+    r = Relay(records_for(["dom.test"]))
+    try:
+        s = smtplib.SMTP("127.0.0.1", r.port, timeout=30)
+        s.ehlo("client.example")
+        code, msg = s.docmd("MAIL", "FROM:<news@example.com..>")
+        assert code == 553 and msg.startswith(b"5.1.7"), (code, msg)
+        code, msg = s.mail("news@example.com.")
+        assert code == 250, (code, msg)
+        for a, opts in [("user@dom.test.", []), ("user@dom.test", []),
+                        ("other@dom.test.", ["ORCPT=rfc822;other@dom.test."])]:
+            code, msg = s.rcpt(a, opts)
+            assert code == 250, (a, code, msg)
+        for bad in ["user@dom.test..", "user@.", "user@.dom.test", "user@",
+                    "user@[192.0.2.1]."]:
+            code, msg = s.docmd("RCPT", f"TO:<{bad}>")
+            assert code == 553 and msg.startswith(b"5.1.3"), (bad, code, msg)
+        code, msg = s.data(b"Subject: root\r\n\r\nbody\r\n")
+        assert code == 250, (code, msg)
+        s.quit()
+        lines = r.d.wait_log_count("event=delivered", 2, timeout=30)
+        (dump,) = wait_sink(r, 1, timeout=10)
+        wire = sorted(re.findall(rb"^X-Rcpt-Args: (.*)$", dump, re.M))
+        assert wire == [b"<other@dom.test> ORCPT=rfc822;other@dom.test.",
+                        b"<user@dom.test>"], wire
+        assert b"X-Mail-Args: <news@example.com>" in dump, dump[:400]
+        (queued,) = r.d.log_lines("event=queued")
+        assert "from=<news@example.com> nrcpt=2 " in queued, queued
+        for a in ("other@dom.test", "user@dom.test"):
+            assert any(f"rcpt=<{a}> domain=dom.test " in ln for ln in lines), (a, lines)
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
 def test_mx_naming_an_address_bounces_at_once():
     """MX records that name an address (MX 10 192.0.2.1: RFC 5321 5.1
     wants a host name; Postfix bounces it 5.4.4 after its "numeric domain
@@ -1588,6 +1632,7 @@ if __name__ == "__main__":
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
           test_addresses_postfix_takes_are_relayed_as_the_receiver_needs_them,
+          test_trailing_dot_after_the_domain_is_dropped_as_postfix_does,
           test_mx_naming_an_address_bounces_at_once,
           test_starttls_to_a_receiver_that_offers_it,
           test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake,

@@ -275,8 +275,25 @@ static const struct pcase pcases[] = {
     BAD("RCPT TO:<a@example..com>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@-example.com>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@example-.com>", DOMAIN_SYNTAX),
-    BAD("RCPT TO:<a@example.com.>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@.example.com>", DOMAIN_SYNTAX),
+    /* one trailing dot, the root, as Postfix takes it (test_root_dot) */
+    OK("RCPT TO:<a@example.com.>", RCPT),
+    OK("MAIL FROM:<a@example.org.>", MAIL),
+    OK("RCPT TO:<a@example.>", RCPT),
+    OK("RCPT TO:a@example.com.", RCPT),
+    OK("MAIL FROM:a@example.org. SIZE=1", MAIL),
+    OK("RCPT TO:<@a.example:a@example.com.>", RCPT),
+    BAD("RCPT TO:<a@example.com..>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@.>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@..>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@.example.com.>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@example-.>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@example.com.!>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@example.com.->", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@[192.0.2.1].>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@example.com. >", PATH_SYNTAX),
+    BAD("RCPT TO:a@example.com..", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<@a.example.:a@example.com>", ROUTE_SYNTAX),
     OK("RCPT TO:<a@exa_mple.com>", RCPT),
     OK("RCPT TO:<a@_dmarc.example.com>", RCPT),
     BAD("RCPT TO:<a@exa~mple.com>", DOMAIN_SYNTAX),
@@ -556,6 +573,47 @@ test_other_fields(void **state)
     assert_span(c.arg, "<someone>");
     assert_int_equal(smtp_cmd_parse(L("NOOP"), 0, &c), 0);
     assert_int_equal(c.arg.len, 0);
+}
+
+/* A domain's one trailing dot: out of the mailbox and the domain, so
+ * that the relay rules, suppression, the spool and the RCPT sent on see
+ * example.com; ORCPT stays as the client wrote it. */
+static void
+test_root_dot(void **state)
+{
+    struct smtp_cmd c;
+
+    assert_int_equal(
+        smtp_cmd_parse(L("RCPT TO:<User@Example.COM.> ORCPT=rfc822;User@Example.COM."), 0, &c), 0);
+    assert_span(c.path.mailbox, "User@Example.COM");
+    assert_span(c.path.local, "User");
+    assert_span(c.path.domain, "Example.COM");
+    assert_int_equal(c.path.flags, SMTP_PATH_ROOT_DOT);
+    assert_span(c.params.orcpt_addr, "User@Example.COM.");
+
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:b@example.org. SIZE=10"), 0, &c), 0);
+    assert_span(c.path.mailbox, "b@example.org");
+    assert_span(c.path.domain, "example.org");
+    assert_int_equal(c.params.size, 10);
+
+    assert_int_equal(smtp_cmd_parse(L("RCPT TO:<\"user.\"@x.example.>"), 0, &c), 0);
+    assert_span(c.path.mailbox, "\"user.\"@x.example");
+    assert_int_equal(c.path.flags, SMTP_PATH_QUOTED | SMTP_PATH_ROOT_DOT);
+    assert_int_equal(smtp_cmd_parse(L("RCPT TO:<a@\xc3\xbc.example.>"), SMTP_CMD_F_UTF8, &c), 0);
+    assert_span(c.path.domain, "\xc3\xbc.example");
+    assert_int_equal(c.path.flags, SMTP_PATH_UTF8 | SMTP_PATH_ROOT_DOT);
+
+    /* the second dot is the fault, as before */
+    assert_int_equal(smtp_cmd_parse(L("RCPT TO:<a@example.com..>"), 0, &c),
+                     SMTP_CMD_E_DOMAIN_SYNTAX);
+    assert_int_equal(c.err_off, 23);
+
+    /* a mailbox as stored or formatted has no trailing dot */
+    assert_int_equal(smtp_mailbox_check(L("a@example.com."), false), SMTP_CMD_E_DOMAIN_SYNTAX);
+    char out[64];
+    assert_int_equal(smtp_fmt_rcpt(out, sizeof out, L("a@example.com."), NULL, false),
+                     SMTP_CMD_E_DOMAIN_SYNTAX);
+    assert_int_equal(smtp_fmt_rcpt(out, sizeof out, L("a@example.com"), NULL, false), 25);
 }
 
 static void
@@ -1035,6 +1093,7 @@ main(void)
         cmocka_unit_test(test_limits),       cmocka_unit_test(test_char_classes),
         cmocka_unit_test(test_fmt),          cmocka_unit_test(test_xtext),
         cmocka_unit_test(test_names),        cmocka_unit_test(test_local_canon),
+        cmocka_unit_test(test_root_dot),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
