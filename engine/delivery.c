@@ -807,7 +807,19 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             shaping_check(d->e->shaping, d->e->cfg->shaping_rules, "", NULL, t->name,
                           clock_unix_ms(), &sv))
             x->suspended = sv.suspended;
-        snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
+        if (t->last_reply[0] != '\0' || t->last_code != 0) {
+            enum smtp_reason why = (enum smtp_reason)t->last_reason;
+            x->last_code = smtp_reason_server_code(why) ? t->last_code : 0;
+            if (x->last_code != 0)
+                snprintf(x->last_reply, sizeof(x->last_reply), "%u %s", x->last_code,
+                         t->last_reply);
+            else
+                snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
+            snprintf(x->last_class, sizeof(x->last_class), "%s",
+                     bounce_class_str((enum bounce_class)t->last_cls));
+            if (why != SMTP_REASON_NONE && why != SMTP_REASON_REPLY) /* as the delivery log */
+                snprintf(x->last_reason, sizeof(x->last_reason), "%s", smtp_reason_str(why));
+        }
         bool held = d->w->now < t->hold_until;
         x->held = held;
         x->held_until_ms = held ? t->hold_until_ms : 0;

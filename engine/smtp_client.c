@@ -817,6 +817,12 @@ smtp_reason_str(enum smtp_reason r)
     return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "?";
 }
 
+bool
+smtp_reason_server_code(enum smtp_reason r)
+{
+    return r == SMTP_REASON_REPLY || r == SMTP_REASON_TLS_REFUSED;
+}
+
 const char *
 smtp_client_strerror(int err)
 {

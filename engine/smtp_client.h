@@ -428,6 +428,11 @@ const struct smtp_outcome *smtp_client_session(const struct smtp_client *c);
 const char *smtp_status_str(enum smtp_status s);
 const char *smtp_scope_str(enum smtp_scope s);
 const char *smtp_reason_str(enum smtp_reason r);
+/* Is the code of an outcome of reason r a server's: its reply (REPLY), or
+ * its refusal of STARTTLS (TLS_REFUSED)? The others' codes are ours: 0,
+ * what a server would have said to a local check, or the failure
+ * policy's for a failure no server sent (a DNS failure's 451). */
+bool smtp_reason_server_code(enum smtp_reason r);
 const char *smtp_client_strerror(int err);
 
 #endif

@@ -268,7 +268,15 @@ struct stats_domain {
     double rate_limit; /* msgs/s in force, 0: none */
     unsigned max_connections;
     char limit_reason[64]; /* why the limits in force are what they are */
+    /* The last outcome that was not a delivery: a server's code and text,
+     * or the text alone for a failure no server sent (DNS, a connect, a
+     * TLS handshake, a check of this node's); last_code the server's code
+     * (0: none sent it); last_class and last_reason its delivery log
+     * event's class and reason ("": none). */
     char last_reply[256];
+    unsigned last_code;
+    char last_class[24];
+    char last_reason[24];
     uint64_t oldest_ms; /* Unix ms of the oldest waiting recipient's message (ready, in
                          * flight or deferred), 0: none */
     bool suspended;

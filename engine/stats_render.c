@@ -62,6 +62,18 @@ kfixed(struct json *j, const char *key, const char *s, size_t cap)
     json_strn(j, s, strnlen(s, cap));
 }
 
+/* As kfixed, or null when s is empty. */
+static void
+kfixed_or_null(struct json *j, const char *key, const char *s, size_t cap)
+{
+    if (s[0] != '\0') {
+        kfixed(j, key, s, cap);
+    } else {
+        json_key(j, key);
+        json_null(j);
+    }
+}
+
 /* "event_sinks": one object per [events NAME] sink. */
 static void
 render_event_sinks(struct json *j, const struct stats_counters *c)
@@ -498,6 +510,14 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
         render_named(j, "waiting_by_class", x->waiting_by_class, x->nwaiting_classes,
                      STATS_DOMAIN_CLASSES);
         kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
+        /* null: no server sent it, whatever code the failure policy gave */
+        json_key(j, "last_code");
+        if (x->last_code != 0)
+            json_u64(j, x->last_code);
+        else
+            json_null(j);
+        kfixed_or_null(j, "last_class", x->last_class, sizeof(x->last_class));
+        kfixed_or_null(j, "last_reason", x->last_reason, sizeof(x->last_reason));
         json_ku64(j, "tenants_waiting", x->tenants_waiting);
         json_key(j, "tenants");
         json_arr_begin(j);

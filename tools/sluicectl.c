@@ -51,7 +51,9 @@ static const struct cmd cmds[] = {
      "message rate allowed, totals, the age of the oldest waiting recipient\n"
      "(deferred ones too), whether it is suspended, the deferral class of most\n"
      "of its recipients waiting deferred now, with their count (TOP DEFERRAL),\n"
-     "and why its limits are what they are.",
+     "its last failure (LAST: the code a server sent and the class; - for the\n"
+     "code when no server sent one: DNS, a connect, a TLS handshake, a check\n"
+     "of sluice's) and why its limits are what they are.",
      0, 1, run_domains},
     {"sites", "[N]", "the N busiest sites (default 20, at most 1000)",
      "One row per site of a worker, busiest first (connections + ready + in\n"

@@ -51,7 +51,7 @@ struct made {
 };
 extern struct made made;
 
-#define COLS_MAX 16
+#define COLS_MAX 17 /* the domains view's */
 
 struct table {
     unsigned ncols;

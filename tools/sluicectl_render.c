@@ -498,15 +498,37 @@ fmt_tenants(const cJSON *d)
     return b;
 }
 
+/* The last failure's code and class: "451 rate_limited"; "-" for the
+ * code when no server sent one (a DNS failure, a connect, a TLS
+ * handshake, a check of sluice's: last_code null), "- dns_failure";
+ * "-" when there was none. */
+static const char *
+fmt_last(const cJSON *d)
+{
+    const cJSON *cls = get(d, "last_class");
+    double code;
+    if (!cJSON_IsString(cls))
+        return "-";
+    char *b = cell_buf();
+    if (num(d, "last_code", &code) && code > 0)
+        snprintf(b, 96, "%.0f %.48s", code, cls->valuestring);
+    else
+        snprintf(b, 96, "- %.48s", cls->valuestring);
+    for (char *p = b; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
+    return b;
+}
+
 void
 render_domains(const cJSON *doc, size_t limit)
 {
     struct table t;
     /* right: READY DEFERRED INFLIGHT PARKED CONN MAX RATE DELIVERED BOUNCED OLDEST */
-    table_init(&t, 16, 0x7fe << 1);
+    table_init(&t, 17, 0x7fe << 1);
     table_row(&t, "DOMAIN", "POOL", "READY", "DEFERRED", "INFLIGHT", "PARKED", "CONN", "MAX",
-              "RATE/s", "DELIVERED", "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LIMITED BY",
-              "TENANTS WAITING");
+              "RATE/s", "DELIVERED", "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LAST",
+              "LIMITED BY", "TENANTS WAITING");
     const cJSON *arr = get(doc, "domains");
     const cJSON *d;
     size_t n = 0;
@@ -531,11 +553,10 @@ render_domains(const cJSON *doc, size_t limit)
             snprintf(top, sizeof(top), "%s:%.0f", c0->string, c0->valuedouble);
         table_row(&t, fmt_str(d, "name"), fmt_str(d, "pool"), fmt_count(d, "ready"),
                   fmt_count(d, "deferred"), fmt_count(d, "inflight"), fmt_count(d, "parked"),
-                  fmt_count(d, "connections"),
-                  fmt_count(d, "max_connections"), fmt_rate(d, "rate_limit"),
-                  fmt_count(d, "delivered"), fmt_count(d, "bounced"),
-                  fmt_duration(d, "oldest_age_ms"), state, top, fmt_str(d, "limit_reason"),
-                  fmt_tenants(d));
+                  fmt_count(d, "connections"), fmt_count(d, "max_connections"),
+                  fmt_rate(d, "rate_limit"), fmt_count(d, "delivered"), fmt_count(d, "bounced"),
+                  fmt_duration(d, "oldest_age_ms"), state, top, fmt_last(d),
+                  fmt_str(d, "limit_reason"), fmt_tenants(d));
     }
     table_print(&t, stdout);
     /* delivery off makes no destination: the mail waits in the queue,

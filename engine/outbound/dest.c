@@ -784,6 +784,9 @@ dest_on_sweep(struct timer *tm, void *ctx)
          * suspended: ..."): what the sender's DSN and the log should say. */
         if (!held)
             job_last_attempt_text(&o, "message expired in the queue", env, j);
+        else if (t->last_code != 0)
+            snprintf(o.text, sizeof(o.text), "message expired while %s was held: %u %s", t->name,
+                     t->last_code, t->last_reply);
         else if (t->last_reply[0] != '\0')
             snprintf(o.text, sizeof(o.text), "message expired while %s was held: %s", t->name,
                      t->last_reply);

@@ -480,13 +480,18 @@ struct dest {
                               * t was made (policy_host_refusal) */
     uint64_t host_detoured;  /* of those, jobs sent on to another MX host */
     uint64_t last_ms;        /* Unix ms of the last outcome */
-    char last_reply[160];    /* the last reply that was not a delivery */
+    char last_reply[156];    /* the text of the last outcome that was not a delivery */
+    uint16_t last_code;      /* ... its code, 0: none; a server's only when last_reason
+                              * says so (smtp_reason_server_code): a DNS failure's 451
+                              * is the failure policy's */
+    uint8_t last_reason;     /* ... enum smtp_reason */
+    uint8_t last_cls;        /* ... enum bounce_class, as its delivery log event's class */
     char *last_reply_at;     /* owned: "host\0address\0", the MX host whose session gave
                               * last_reply (address "" unknown), kept for the expiries
                               * of a hold it caused (dest_on_sweep); NULL: none, or no
                               * MTA's (a refused connect, DNS). Its own allocation, made
                               * again only when the host changes: the pointer fills a
-                              * hole, struct dest stays 1,120 octets */
+                              * hole */
     /* For the operators' views (delivery_domains): recipient deferrals
      * since the destination was made, by enum bounce_class (counted when
      * told, as delivered and failed), and the wall

@@ -1078,10 +1078,13 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         /* a deferral's too: its delay warning's Remote-MTA (outcome_delay_check) */
         tl->session = answered && !where->untried;
         if (kind != DLOG_DELIVERY && (o->code != 0 || where->src != CLASSIFY_EXPIRED)) {
-            if (o->code != 0)
-                snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
-            else
-                snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
+            /* the code apart, with where it came from: the operators'
+             * views show a server's code, never one of ours as if a
+             * server had sent it (delivery_domains) */
+            snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
+            t->last_code = o->code;
+            t->last_reason = o->reason;
+            t->last_cls = (uint8_t)cls;
             dest_last_reply_at(t, answered ? where->mx : NULL, where->mx_addr);
         }
         t->last_ms = now;

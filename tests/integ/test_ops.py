@@ -1253,6 +1253,48 @@ def test_domains_of_deferred_mail_across_a_restart():
         r.close()
 
 
+def test_domains_last_reply_says_whether_a_server_sent_it():
+    """A destination's last reply in `domains`: a server's (smtp-sink
+    refusing RCPT) with its code, as its delivery log event has it; a
+    failure no server sent, a failed MX lookup (dnsmasq knows no upstream
+    for nodns.example) that sluice defers 451 4.4.3 and a refused
+    connect, with no code (null in JSON, "-" under LAST) and the class
+    (and reason) its event has. Before, the view showed the failure
+    policy's 451 as if a receiver had said it."""
+    recs = records_for(["soft.test"]) + ["host-record=dead.test,127.0.0.9",
+                                         "mx-host=dead.test,dead.test,10"]
+    r = Relay(recs, sink_flags=["-r", "RCPT"],
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        r.inject([msg(1, ["a@soft.test"]), msg(2, ["b@nodns.example"]),
+                  msg(3, ["c@dead.test"])])
+        ev = wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 3)
+        by = {e["domain"]: e for e in ev}
+        dns, dead, soft = by["nodns.example"], by["dead.test"], by["soft.test"]
+        assert dns["class"] == "dns_failure" and "mx" not in dns, dns
+        assert dead.get("reason") == "connect_refused" and "code" not in dead, dead
+        assert 400 <= soft["code"] < 500 and "reason" not in soft, soft
+        rows = {d: domain_row(r, d) for d in by}
+        want = {"nodns.example": (None, dns["reply"], None),
+                "dead.test": (None, dead["reply"], "connect_refused"),
+                "soft.test": (soft["code"], f"{soft['code']} {soft['reply']}", None)}
+        for d, (code, reply, reason) in want.items():
+            x = rows[d]
+            assert x["last_code"] == code and x["last_reply"] == reply, (d, x, by[d])
+            assert x["last_class"] == by[d]["class"] and x["last_reason"] == reason, (d, x)
+        assert not rows["nodns.example"]["last_reply"].startswith("451"), rows
+        p = ctl(r, "domains")
+        assert p.returncode == 0, p.stderr
+        head = p.stdout.splitlines()[0]
+        at = head.index(" LAST ") + 1
+        for d, (code, _, _) in want.items():
+            row = next(ln for ln in p.stdout.splitlines() if ln.startswith(d + " "))
+            cell = row[at:].split("  ")[0]
+            assert cell == f"{code if code else '-'} {by[d]['class']}", (d, cell, p.stdout)
+    finally:
+        r.close()
+
+
 def test_domains_oldest_counts_mail_in_flight():
     """A domain whose only mail is in flight (its receiver takes the
     message and holds the final dot's reply): `domains` gives the age of
@@ -2350,6 +2392,7 @@ if __name__ == "__main__":
           test_failing_a_dead_hosts_mail_does_not_stall_the_worker,
           test_domains_of_deferred_mail_across_a_restart,
           test_domains_oldest_counts_mail_in_flight,
+          test_domains_last_reply_says_whether_a_server_sent_it,
           test_bounce_by_id_and_domain,
           test_bounce_answers_once_done,
           test_bounce_of_mail_on_a_connection_says_it_stayed,

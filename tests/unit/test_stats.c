@@ -478,7 +478,14 @@ fake_domain(struct stats_domain *d, const char *name, uint64_t ready, bool suspe
     d->bounced = 7;
     d->rate_limit = suspended ? 0 : 50;
     snprintf(d->limit_reason, sizeof(d->limit_reason), "%s", "backoff after 421");
-    snprintf(d->last_reply, sizeof(d->last_reply), "%s", "421 4.7.0 try again later");
+    if (suspended) { /* a failure no server sent: no code */
+        snprintf(d->last_reply, sizeof(d->last_reply), "%s", "DNS lookup failed: SERVFAIL");
+        snprintf(d->last_class, sizeof(d->last_class), "%s", "dns_failure");
+    } else {
+        snprintf(d->last_reply, sizeof(d->last_reply), "%s", "421 4.7.0 try again later");
+        d->last_code = 421;
+        snprintf(d->last_class, sizeof(d->last_class), "%s", "rate_limited");
+    }
     d->oldest_ms = suspended ? 0 : 1795401231123ULL;
     d->suspended = suspended;
 }
@@ -824,6 +831,13 @@ test_domains(void **state)
     assert_true(jbool(v, "domains.1.suspended"));
     assert_true(jnull(v, "domains.1.rate_limit"));
     assert_true(jnull(v, "domains.1.oldest"));
+    /* the last reply's code: a server's, or null (none sent it) */
+    assert_true(jnum(v, "domains.0.last_code") == 421);
+    assert_string_equal(jstr(v, "domains.0.last_class"), "rate_limited");
+    assert_true(jnull(v, "domains.0.last_reason"));
+    assert_true(jnull(v, "domains.1.last_code"));
+    assert_string_equal(jstr(v, "domains.1.last_reply"), "DNS lookup failed: SERVFAIL");
+    assert_string_equal(jstr(v, "domains.1.last_class"), "dns_failure");
     assert_string_equal(jstr(v, "domains.2.name"), "we\"ird\\dom\nain");
     assert_true(jbool(v, "delivery_enabled"));
     jfree(v);
@@ -1910,6 +1924,8 @@ test_sluicectl(void **state)
         {0, {"-s", "@", "stats"}, "delivered"},
         {0, {"-s", "@", "--json", "stats"}, "\"ok\":true"},
         {0, {"-s", "@", "domains", "2"}, "gmail.com"},
+        {0, {"-s", "@", "domains", "2"}, " 421 rate_limited "},
+        {0, {"-s", "@", "domains", "2"}, " - dns_failure "},
         {0, {"-s", "@", "message", "0123ABCD"}, "a@example.com"},
         {0, {"-s", "@", "suspend", "gmail.com"}, NULL},
         {0, {"-s", "@", "metrics"}, "sluice_recipients_delivered_total 8"},
