@@ -925,7 +925,10 @@ delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t
         x->queues = site_window_queues(&s->win, s->conns);
         s->view_row = *n - 1;
     }
-    /* Each destination to its site's row (every site is in the table). */
+    /* Each destination to its site's row (every site is in the table),
+     * with the caps beside the window: its domains name the same hosts,
+     * the first with an answer tells the addresses' (dest_addr_cap); the
+     * [mx] key is the one its runs found (dest_mxkey), none made here. */
     struct dest_iter it = {0};
     for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
         if (t->site == NULL || t->site->view_row < first || t->site->view_row >= *n)
@@ -934,6 +937,24 @@ delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t
         x->domains++;
         x->ready += dest_queued(t);
         x->inflight += t->inflight;
+        if (x->addr_cap == 0)
+            x->addr_cap = dest_addr_cap(t);
+        const struct mxkey *mk = t->mx != NULL && t->mxk_for == t->mx ? t->mxk : NULL;
+        if (mk != NULL && mk->lim.conf.max_connections > x->mx_cap)
+            x->mx_cap = mk->lim.conf.max_connections;
+    }
+    for (size_t i = first; i < *n; i++) {
+        struct delivery_site *x = &(*out)[i];
+        x->limit = x->window;
+        x->limited_by = "window";
+        if (x->addr_cap != 0 && x->addr_cap < x->limit) {
+            x->limit = x->addr_cap;
+            x->limited_by = "address_cap";
+        }
+        if (x->mx_cap != 0 && x->mx_cap < x->limit) {
+            x->limit = x->mx_cap;
+            x->limited_by = "mx_cap";
+        }
     }
     return 0;
 }

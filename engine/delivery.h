@@ -107,6 +107,12 @@ struct delivery_site {
     unsigned idle;          /* of those, idle on the site's list */
     unsigned window;        /* connections its adaptive window allows now */
     unsigned ceiling;       /* the window's ceiling: its domains' max_connections */
+    unsigned addr_cap;      /* max_connections_per_address times its addresses (of its
+                             * best MX preference); 0: no cap */
+    unsigned mx_cap;        /* its [mx] section's max_connections (counted for the node, or
+                             * with [redis] for every node); 0: none */
+    unsigned limit;         /* what it may have open now: the window, or a cap below it */
+    const char *limited_by; /* static: "window", "address_cap" or "mx_cap" */
     unsigned domains;       /* destinations on it */
     unsigned domains_waiting; /* ... waiting for a connection of it */
     uint64_t ready;         /* jobs waiting in its destinations' queues */

@@ -925,6 +925,19 @@ cmd_sites(struct engine *e, const char *args, struct json *out, char *err, size_
         json_ku64(out, "idle", s->idle);
         json_ku64(out, "window", s->window);
         json_ku64(out, "max_connections", s->ceiling);
+        /* what it can open: the window, clamped by the caps (null: none) */
+        json_ku64(out, "limit", s->limit);
+        json_kstr(out, "limited_by", s->limited_by);
+        json_key(out, "address_cap");
+        if (s->addr_cap != 0)
+            json_u64(out, s->addr_cap);
+        else
+            json_null(out);
+        json_key(out, "mx_cap");
+        if (s->mx_cap != 0)
+            json_u64(out, s->mx_cap);
+        else
+            json_null(out);
         json_ku64(out, "domains", s->domains);
         json_ku64(out, "domains_waiting", s->domains_waiting);
         json_ku64(out, "ready", s->ready);

@@ -60,14 +60,17 @@ static const struct cmd cmds[] = {
      "flight). A site is the set of MX hosts its domains' answers name (or a\n"
      "route; a pool's sites are its own): its domains share its connections\n"
      "and its adaptive window. CONN connections open or opening, IDLE of\n"
-     "those idle, WINDOW the connections the window allows now, MAX its\n"
-     "ceiling (max_connections), DOMAINS the destinations on it and WAITING\n"
-     "those waiting for a connection, READY and INFLIGHT their jobs, OPENED,\n"
-     "FAILURES (connect failures, greeting timeouts, 421s, resets) and HALVED\n"
-     "(window decreases) since the site was made; an idle site is forgotten\n"
-     "with its last domain. HEAD the time from a transaction's MAIL to the go\n"
-     "for its body (a moving average), with * while it says the connections\n"
-     "wait in line at the receiver or at sluice: the window does not grow.",
+     "those idle, WINDOW the connections the window allows now, LIMIT what\n"
+     "it can open: the window, or the cap below it that binds (address cap:\n"
+     "max_connections_per_address times its addresses; mx cap: its [mx]\n"
+     "section's max_connections), MAX its ceiling (max_connections), DOMAINS\n"
+     "the destinations on it and WAITING those waiting for a connection,\n"
+     "READY and INFLIGHT their jobs, OPENED, FAILURES (connect failures,\n"
+     "greeting timeouts, 421s, resets) and HALVED (window decreases) since\n"
+     "the site was made; an idle site is forgotten with its last domain. HEAD\n"
+     "the time from a transaction's MAIL to the go for its body (a moving\n"
+     "average), with * while it says the connections wait in line at the\n"
+     "receiver or at sluice: the window does not grow.",
      0, 1, run_sites},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
     {"queue", "[N] [DOMAIN]", "the queued messages, oldest first, as mailq lists them",

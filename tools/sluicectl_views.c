@@ -284,14 +284,30 @@ fmt_head(const cJSON *s)
     return b;
 }
 
+/* What a site can open: the window, or the cap below it and which one
+ * ("40 (address cap)", "6 (mx cap)"). */
+static const char *
+fmt_site_limit(const cJSON *s)
+{
+    const cJSON *by = get(s, "limited_by");
+    if (!cJSON_IsString(by) || strcmp(by->valuestring, "window") == 0)
+        return fmt_count(s, "limit");
+    char *b = cell_buf();
+    snprintf(b, 96, "%s (%s)", fmt_count(s, "limit"),
+             strcmp(by->valuestring, "address_cap") == 0 ? "address cap"
+             : strcmp(by->valuestring, "mx_cap") == 0    ? "mx cap"
+                                                         : "cap");
+    return b;
+}
+
 /* "sites [N]": one row per site of a worker, busiest first. */
 static void
 render_sites(const cJSON *doc)
 {
     struct table t;
     /* right: every column but SITE */
-    table_init(&t, 14, 0x3ffeu);
-    table_row(&t, "SITE", "WORKER", "CONN", "IDLE", "WINDOW", "MAX", "DOMAINS", "WAITING",
+    table_init(&t, 15, 0x7ffeu);
+    table_row(&t, "SITE", "WORKER", "CONN", "IDLE", "WINDOW", "LIMIT", "MAX", "DOMAINS", "WAITING",
               "READY", "INFLIGHT", "OPENED", "FAILURES", "HALVED", "HEAD");
     const cJSON *s;
     size_t n = 0;
@@ -299,10 +315,11 @@ render_sites(const cJSON *doc)
     {
         n++;
         table_row(&t, fmt_str(s, "site"), fmt_count(s, "worker"), fmt_count(s, "connections"),
-                  fmt_count(s, "idle"), fmt_count(s, "window"), fmt_count(s, "max_connections"),
-                  fmt_count(s, "domains"), fmt_count(s, "domains_waiting"), fmt_count(s, "ready"),
-                  fmt_count(s, "inflight"), fmt_count(s, "opened"), fmt_count(s, "failures"),
-                  fmt_count(s, "window_halved"), fmt_head(s));
+                  fmt_count(s, "idle"), fmt_count(s, "window"), fmt_site_limit(s),
+                  fmt_count(s, "max_connections"), fmt_count(s, "domains"),
+                  fmt_count(s, "domains_waiting"), fmt_count(s, "ready"), fmt_count(s, "inflight"),
+                  fmt_count(s, "opened"), fmt_count(s, "failures"), fmt_count(s, "window_halved"),
+                  fmt_head(s));
     }
     table_print(&t, stdout);
     if (n == 0)

@@ -946,6 +946,10 @@ bool dest_address_room(struct dest *t, const struct dns_mx_host **host,
                        const union dns_addr **addr);
 /* The slot dest_address_room() took, when no connection opens. */
 void slot_give_back(struct delivery *d);
+/* The connections t's site may have open by max_connections_per_address
+ * (its pool's, at each address): the cap times the addresses of t's best
+ * MX preference; 0: no cap (none configured, or no answer). */
+unsigned dest_addr_cap(const struct dest *t);
 /* A slot of this worker's freed: the destinations that found an address
  * full run, oldest first, until one opens. */
 void addr_wake(struct delivery *d);

@@ -17,6 +17,7 @@
  * Threading: the worker's thread.
  */
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <stddef.h>
 #include <string.h>
@@ -26,6 +27,9 @@
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
+
+/* Addresses dest_addr_cap tells apart; past them each counts. */
+#define ADDR_CAP_SEEN 32
 
 /* The address of t's answer at its failover cursor (of total), in MX
  * order; false when there is none. */
@@ -337,6 +341,38 @@ slot_give_back(struct delivery *d)
 {
     site_addr_give(&d->sites, d->slot_taken, false);
     d->slot_taken = NULL;
+}
+
+/* (internal.h) */
+unsigned
+dest_addr_cap(const struct dest *t)
+{
+    unsigned cap = t->d->e->cfg->delivery.max_connections_per_address;
+    if (cap == 0 || t->mx == NULL || t->mx->nhosts == 0)
+        return 0;
+    /* the best preference's addresses, each once (two names may share
+     * one): dest_address_room goes to another of them when one is full,
+     * never to a backup MX */
+    unsigned char seen[ADDR_CAP_SEEN][18];
+    size_t len[ADDR_CAP_SEEN];
+    unsigned n = 0, pref = t->mx->hosts[0].preference;
+    for (unsigned h = 0; h < t->mx->nhosts && t->mx->hosts[h].preference == pref; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            unsigned char k[18];
+            size_t l = site_addr_key(&t->mx->hosts[h].addrs[i], k);
+            bool dup = false;
+            for (unsigned x = 0; x < n && x < ADDR_CAP_SEEN && !dup; x++)
+                dup = len[x] == l && memcmp(seen[x], k, l) == 0;
+            if (dup)
+                continue;
+            if (n < ADDR_CAP_SEEN) {
+                memcpy(seen[n], k, l);
+                len[n] = l;
+            }
+            n++;
+        }
+    uint64_t all = (uint64_t)cap * n;
+    return all < UINT_MAX ? (unsigned)all : UINT_MAX;
 }
 
 /* A connection of this worker closed, its MX address slot free: the

@@ -183,13 +183,16 @@ def test_a_busy_site_is_sent_from_every_worker():
         r.close()
 
 
-def one_domain_at_a_slow_receiver(conf, what):
+def one_domain_at_a_slow_receiver(conf, what, cap):
     """One domain (its mail goes from one worker) with 18 messages at a
     receiver that takes a second over each DATA, under a cap of 6 that
     conf sets: it holds 6 connections at once, never more, all from its
-    worker. The relay, to check more on."""
+    worker, and `sluicectl sites` says that the cap (cap: "address_cap"
+    or "mx_cap"), not its window of 8 or more, is what binds (it showed
+    the window alone, more than could open). The relay, to check more
+    on."""
     r = Relay(records_for(["slow.test"]), sink_flags=["-w", "1"],
-              domain_conf="[delivery]\ninitial_connections = 8\n" + conf)
+              domain_conf=stats_conf() + "[delivery]\ninitial_connections = 8\n" + conf)
     try:
         s = Sampler(r.mx_port, r.d.proc.pid)
         body = b"Subject: t\r\n\r\ncap\r\n"
@@ -198,6 +201,18 @@ def one_domain_at_a_slow_receiver(conf, what):
         most = s.stop()
         assert most == 6, f"{most} connections at once {what} (cap 6, one domain)"
         assert len(connected_threads(r)) == 1
+        site = ctl_json(r, "sites")["sites"]
+        assert len(site) == 1 and site[0]["window"] >= 8, site
+        other = "mx_cap" if cap == "address_cap" else "address_cap"
+        x = site[0]
+        # one MX address: the address cap is max_connections_per_address (40 by default)
+        assert x["limit"] == 6 and x["limited_by"] == cap and x[cap] == 6, x
+        assert x[other] == (None if other == "mx_cap" else 40), x
+        p = ctl(r, "sites")
+        assert p.returncode == 0, p.stderr
+        head, row = p.stdout.splitlines()[:2]
+        assert head.split()[4:7] == ["WINDOW", "LIMIT", "MAX"], p.stdout
+        assert f" 6 ({cap.replace('_', ' ')}) " in row, p.stdout
         return r
     except BaseException:
         r.close()
@@ -211,7 +226,7 @@ def test_one_domain_has_the_whole_address_cap():
     workers held half the cap and the domain got 3. The cap full is no
     sign of a busy site."""
     r = one_domain_at_a_slow_receiver("max_connections_per_address = 6\n",
-                                      "to the address")
+                                      "to the address", "address_cap")
     try:
         assert r.d.count_log("event=site_busy") == 0
     finally:
@@ -225,7 +240,7 @@ def test_one_domain_has_the_whole_mx_cap():
     at once, never more. Before, the cap was split between the two
     workers, and the domain got 3."""
     one_domain_at_a_slow_receiver("[mx mx.test]\nmax_connections = 6\n",
-                                  "under the [mx] cap").close()
+                                  "under the [mx] cap", "mx_cap").close()
 
 
 def two_sites_on_both_workers(n):
