@@ -1107,29 +1107,6 @@ stop_owed(struct client *c)
     return c->req_start != 0 || c->inlen > 0 || recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
 }
 
-/* The stop's lingering close of client c, its answer sent and its write
- * side shut: its input is read and dropped until its end. Closed at once,
- * a client told that sluice stops before it had written its request (a
- * client from the backlog) saw its write fail (EPIPE) and never read the
- * answer waiting for it. Returns whether c was closed (its end came, or
- * an error). */
-static bool
-stop_linger(struct client *c)
-{
-    char drop[512];
-    for (;;) {
-        ssize_t r = recv(c->fd, drop, sizeof(drop), MSG_DONTWAIT);
-        if (r > 0)
-            continue;
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return false;
-        client_close(c);
-        return true;
-    }
-}
-
 /* The stop (stats_server_free, the thread joined, the command thread
  * stopped): the answers the command thread made since the stats thread
  * last took them (a bounce or a flush the stop cut: its error, which
@@ -1138,10 +1115,16 @@ stop_linger(struct client *c)
  * They were freed with the command thread, and sluicectl saw the
  * connection close (exit 3, no reason) while only the log told why.
  * A socket client owed an answer nobody will make is told that sluice
- * stops (stop_owed). Each is closed once it has closed its end
- * (stop_linger). Bounded: STOP_ANSWER_MS for every client together, a
- * client that does not read, or does not close, is closed then; the
- * caller's wait for the command itself is stats_cmd_stop's. */
+ * stops (stop_owed), and so is one idle till now whose request comes
+ * meanwhile. A client whose answer is sent and write side shut
+ * (draining) lingers: its input is read and dropped to its end, or to
+ * LINGER_BYTES (client_on_readable), before it is closed; closed at
+ * once, a client told that sluice stops before it had written its
+ * request (one from the backlog) saw its write fail (EPIPE) and never
+ * read the line waiting for it. Bounded: STOP_ANSWER_MS for every
+ * client together, a client that does not read, or does not close, is
+ * closed then; idle ones do not hold the stop. The caller's wait for
+ * the command itself is stats_cmd_stop's. */
 static void
 stop_answers(struct stats_server *s)
 {
@@ -1159,20 +1142,36 @@ stop_answers(struct stats_server *s)
             stop_refuse(&s->clients[i]);
     for (;;) {
         struct pollfd pfd[STATS_CLIENTS_MAX];
-        nfds_t n = 0;
+        struct client *of[STATS_CLIENTS_MAX];
+        nfds_t n = 0, busy = 0;
         for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
             struct client *c = &s->clients[i];
-            if (c->fd >= 0 && c->outoff < c->out.len && client_flush(s, c, now) == 0 &&
-                c->outoff < c->out.len)
-                pfd[n++] = (struct pollfd){.fd = c->fd, .events = POLLOUT};
-            else if (c->fd >= 0 && c->draining && !stop_linger(c))
-                pfd[n++] = (struct pollfd){.fd = c->fd, .events = POLLIN};
+            if (stop_owed(c))
+                stop_refuse(c); /* idle till now, its request came meanwhile */
+            if (c->fd >= 0 && c->outoff < c->out.len && client_flush(s, c, now) != 0)
+                continue; /* closed */
+            if (c->fd < 0)
+                continue;
+            bool sending = c->outoff < c->out.len;
+            busy += sending || c->draining;
+            pfd[n] = (struct pollfd){.fd = c->fd, .events = sending ? POLLOUT : POLLIN};
+            of[n++] = c;
         }
-        if (n == 0 || now >= end)
+        if (busy == 0 || now >= end)
             return;
         if (poll(pfd, n, (int)(end - now)) < 0 && errno != EINTR)
             return;
         now = clock_mono_ms();
+        for (nfds_t k = 0; k < n; k++) {
+            struct client *c = of[k];
+            if (c->fd < 0 || (pfd[k].revents & (POLLIN | POLLHUP | POLLERR)) == 0 ||
+                c->outoff < c->out.len)
+                continue;
+            if (c->draining)
+                client_on_readable(s, c, now); /* its input dropped, to its end */
+            else if (!stop_owed(c))
+                client_close(c); /* idle, and its end came (or an HTTP request): none owed */
+        }
     }
 }
 
