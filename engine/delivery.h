@@ -108,7 +108,7 @@ struct delivery_site {
     unsigned window;        /* connections its adaptive window allows now */
     unsigned ceiling;       /* the window's ceiling: its domains' max_connections */
     unsigned addr_cap;      /* max_connections_per_address times its addresses (of its
-                             * best MX preference); 0: no cap */
+                             * MX preference it is at: dest_addr_cap); 0: no cap */
     unsigned mx_cap;        /* its [mx] section's max_connections (counted for the node, or
                              * with [redis] for every node); 0: none */
     unsigned limit;         /* what it may have open now: the window, or a cap below it */

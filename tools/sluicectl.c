@@ -52,8 +52,9 @@ static const struct cmd cmds[] = {
      "(deferred ones too), whether it is suspended, the deferral class of most\n"
      "of its recipients waiting deferred now, with their count (TOP DEFERRAL),\n"
      "its last failure (LAST: the code a server sent and the class; - for the\n"
-     "code when no server sent one: DNS, a connect, a TLS handshake, a check\n"
-     "of sluice's) and why its limits are what they are.",
+     "code when no server sent one: DNS, a connect, a TLS handshake, a\n"
+     "timeout or a connection lost in the session, an unreadable reply, a\n"
+     "check of sluice's) and why its limits are what they are.",
      0, 1, run_domains},
     {"sites", "[N]", "the N busiest sites (default 20, at most 1000)",
      "One row per site of a worker, busiest first (connections + ready + in\n"
@@ -63,8 +64,9 @@ static const struct cmd cmds[] = {
      "those idle, WINDOW the connections the window allows now, LIMIT what\n"
      "it can open: the window, or the cap below it that binds (address cap:\n"
      "max_connections_per_address times its addresses; mx cap: its [mx]\n"
-     "section's max_connections), MAX its ceiling (max_connections), DOMAINS\n"
-     "the destinations on it and WAITING those waiting for a connection,\n"
+     "section's max_connections; caps shared with other sites), MAX its\n"
+     "ceiling (max_connections), DOMAINS the destinations on it and\n"
+     "WAITING those waiting for a connection,\n"
      "READY and INFLIGHT their jobs, OPENED, FAILURES (connect failures,\n"
      "greeting timeouts, 421s, resets) and HALVED (window decreases) since\n"
      "the site was made; an idle site is forgotten with its last domain. HEAD\n"

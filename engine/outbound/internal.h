@@ -947,8 +947,11 @@ bool dest_address_room(struct dest *t, const struct dns_mx_host **host,
 /* The slot dest_address_room() took, when no connection opens. */
 void slot_give_back(struct delivery *d);
 /* The connections t's site may have open by max_connections_per_address
- * (its pool's, at each address): the cap times the addresses of t's best
- * MX preference; 0: no cap (none configured, or no answer). */
+ * (its pool's, at each address): the cap times the addresses of the
+ * preference t's failover cursor is at that may be delivered to (not
+ * refused as targets, named by its MTA-STS policy); 0: no cap (none
+ * configured, no answer, or no such address). At most: the cap is the
+ * node's, shared with other sites and workers at the same address. */
 unsigned dest_addr_cap(const struct dest *t);
 /* A slot of this worker's freed: the destinations that found an address
  * full run, oldest first, until one opens. */

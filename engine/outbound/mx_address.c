@@ -34,7 +34,7 @@
 /* The address of t's answer at its failover cursor (of total), in MX
  * order; false when there is none. */
 static bool
-dest_address_nth(struct dest *t, unsigned total, const struct dns_mx_host **host,
+dest_address_nth(const struct dest *t, unsigned total, const struct dns_mx_host **host,
                  const union dns_addr **addr)
 {
     unsigned k = t->next_addr % total;
@@ -350,14 +350,24 @@ dest_addr_cap(const struct dest *t)
     unsigned cap = t->d->e->cfg->delivery.max_connections_per_address;
     if (cap == 0 || t->mx == NULL || t->mx->nhosts == 0)
         return 0;
-    /* the best preference's addresses, each once (two names may share
-     * one): dest_address_room goes to another of them when one is full,
-     * never to a backup MX */
+    /* The addresses of the failover cursor's preference that may be
+     * delivered to, each once (two names may share one), as
+     * dest_address_room chooses among them: another of them when one is
+     * full, never a backup MX for room. */
+    const struct dns_mx_host *at = &t->mx->hosts[0];
+    const union dns_addr *a;
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
+    if (total != 0 && !dest_address_nth(t, total, &at, &a))
+        at = &t->mx->hosts[0];
     unsigned char seen[ADDR_CAP_SEEN][18];
     size_t len[ADDR_CAP_SEEN];
-    unsigned n = 0, pref = t->mx->hosts[0].preference;
-    for (unsigned h = 0; h < t->mx->nhosts && t->mx->hosts[h].preference == pref; h++)
+    unsigned n = 0, pref = at->preference;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        if (t->mx->hosts[h].preference != pref || !dest_mx_allowed(t, t->mx->hosts[h].name))
+            continue;
         for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) != NULL)
+                continue;
             unsigned char k[18];
             size_t l = site_addr_key(&t->mx->hosts[h].addrs[i], k);
             bool dup = false;
@@ -371,6 +381,7 @@ dest_addr_cap(const struct dest *t)
             }
             n++;
         }
+    }
     uint64_t all = (uint64_t)cap * n;
     return all < UINT_MAX ? (unsigned)all : UINT_MAX;
 }

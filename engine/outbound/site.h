@@ -99,9 +99,11 @@
  * first whatever the connections, so 10,000 domains over 100 hosts grew
  * to 6 to 10 connections per address where one carried the mail, and the
  * extra ones cost the node and the receivers a tenth of the rate (session
- * 63, bench/README.md). Over the Internet twice the setup time (round
- * trips and TLS) is longer than either, and a site short of connections
- * there sees waits that grow without end: it still earns them. */
+ * 63, bench/README.md, on loopback). A trade-off: a receiver a few
+ * milliseconds away (setup with STARTTLS 10 to 30 ms) now earns a
+ * connection for waits over 100 ms, not 25 to 60; one further away
+ * already had twice its setup time over either floor. A site short of
+ * connections sees waits that grow without end: it still earns them. */
 #define SITE_WAIT_MIN_NS 100000000ULL
 /* ... or when more jobs of the domain wait behind the one a connection
  * takes than this many per connection of the site (a backlog). */
