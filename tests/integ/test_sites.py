@@ -183,7 +183,7 @@ def test_a_busy_site_is_sent_from_every_worker():
         r.close()
 
 
-def one_domain_at_a_slow_receiver(conf, what, cap):
+def one_domain_at_a_slow_receiver(conf, what, cap, records=None):
     """One domain (its mail goes from one worker) with 18 messages at a
     receiver that takes a second over each DATA, under a cap of 6 that
     conf sets: it holds 6 connections at once, never more, all from its
@@ -191,7 +191,7 @@ def one_domain_at_a_slow_receiver(conf, what, cap):
     or "mx_cap"), not its window of 8 or more, is what binds (it showed
     the window alone, more than could open). The relay, to check more
     on."""
-    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "1"],
+    r = Relay(records or records_for(["slow.test"]), sink_flags=["-w", "1"],
               domain_conf=stats_conf() + "[delivery]\ninitial_connections = 8\n" + conf)
     try:
         s = Sampler(r.mx_port, r.d.proc.pid)
@@ -205,7 +205,8 @@ def one_domain_at_a_slow_receiver(conf, what, cap):
         assert len(site) == 1 and site[0]["window"] >= 8, site
         other = "mx_cap" if cap == "address_cap" else "address_cap"
         x = site[0]
-        # one MX address: the address cap is max_connections_per_address (40 by default)
+        # one MX address that may be delivered to: the address cap is
+        # max_connections_per_address (40 by default)
         assert x["limit"] == 6 and x["limited_by"] == cap and x[cap] == 6, x
         assert x[other] == (None if other == "mx_cap" else 40), x
         p = ctl(r, "sites")
@@ -238,9 +239,12 @@ def test_one_domain_has_the_whole_mx_cap():
     the address cap is (engine/node_caps.h): one domain at a slow
     receiver under [mx mx.test] max_connections = 6 holds 6 connections
     at once, never more. Before, the cap was split between the two
-    workers, and the domain got 3."""
+    workers, and the domain got 3. Its MX host also has a multicast
+    address (AAAA ff02::1), refused as a target: the view's address cap
+    counts only the address a connection may go to (40, not 80)."""
+    recs = ["host-record=mx.test,127.0.0.1,ff02::1", "mx-host=slow.test,mx.test,10"]
     one_domain_at_a_slow_receiver("[mx mx.test]\nmax_connections = 6\n",
-                                  "under the [mx] cap", "mx_cap").close()
+                                  "under the [mx] cap", "mx_cap", recs).close()
 
 
 def two_sites_on_both_workers(n):
