@@ -2,7 +2,8 @@
  * lru: one intrusive least-recently-used list for the whole tree. The
  * caller embeds a struct lru_node in its object; lru_touch() moves it to
  * the recent end (inserting it if new), lru_age() to the other end,
- * lru_oldest() gives that end, where eviction starts. No allocation.
+ * lru_oldest() gives that end, where eviction starts; lru_insert_before()
+ * puts a node at a place of the caller's choosing. No allocation.
  *
  * Threading: none; one list belongs to one thread.
  */
@@ -79,6 +80,24 @@ lru_age(struct lru *l, struct lru_node *x)
     else
         l->newest = x;
     l->oldest = x;
+    x->on = true;
+    l->n++;
+}
+
+/* x goes just before y (on l): nearer the oldest end than y. */
+static inline void
+lru_insert_before(struct lru *l, struct lru_node *x, struct lru_node *y)
+{
+    if (x == y)
+        return;
+    lru_remove(l, x);
+    x->next = y;
+    x->prev = y->prev;
+    if (y->prev)
+        y->prev->next = x;
+    else
+        l->oldest = x;
+    y->prev = x;
     x->on = true;
     l->n++;
 }
