@@ -204,6 +204,15 @@ fairq_pop(struct fairq *q, uint32_t *tenant)
     return x;
 }
 
+struct fairq_node *
+fairq_peek(const struct fairq *q)
+{
+    /* pop takes from cur's highest priority: a turn that ends moves cur
+     * after its last job, never before the next */
+    const struct fairq_tenant *t = q->cur;
+    return t != NULL ? t->head[highest(t->mask)] : NULL;
+}
+
 unsigned
 fairq_tenant_count(const struct fairq *q, uint32_t tenant)
 {

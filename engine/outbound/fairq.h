@@ -71,6 +71,8 @@ int fairq_push(struct fairq *q, struct fairq_node *x, uint32_t tenant, unsigned 
 /* The next job by the turns, or NULL when empty; *tenant (when not NULL)
  * says whose. */
 struct fairq_node *fairq_pop(struct fairq *q, uint32_t *tenant);
+/* The job fairq_pop() would return now, left in; NULL when empty. */
+struct fairq_node *fairq_peek(const struct fairq *q);
 static inline size_t
 fairq_count(const struct fairq *q)
 {

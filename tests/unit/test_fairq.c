@@ -1,6 +1,6 @@
 /*
  * A destination's fair queue (engine/outbound/fairq.h) alone: shares by
- * weight over many pops, a new tenant served within one round behind any
+ * weight over many pops (each the job peeked just before), a new tenant served within one round behind any
  * backlog, priority order and FIFO within a priority, a job put back in
  * front, removal while walking (sub-queues freed as they empty), a walk
  * that skips to the next tenant, a
@@ -100,6 +100,7 @@ drain(struct fairq *q)
     assert_int_equal(fairq_count(q), 0);
     assert_int_equal(q->ntenants, 0);
     assert_null(q->cur);
+    assert_null(fairq_peek(q));
     fairq_fini(q);
 }
 
@@ -122,8 +123,10 @@ weights_honoured(void **state)
     unsigned got[4] = {0};
     for (unsigned i = 0; i < 10000; i++) {
         uint32_t t = 99;
+        struct fairq_node *next = fairq_peek(&q); /* what the pop takes, turns and all */
         struct item *it = item_of(fairq_pop(&q, &t));
         assert_non_null(it);
+        assert_ptr_equal(&it->fq, next);
         assert_int_equal(t, it->tenant);
         got[t]++;
         free(it);
