@@ -97,10 +97,12 @@
 #define CONN_FROM_ASCII_CAP 256  /* a domain name (255) and its NUL */
 /* Turns among the domains of a site (sched_conn_next): a connection whose
  * domain holds one connection more than a waiting domain of its site gives
- * it a turn once that one has waited this long; one more than that, at
- * once. Those looked at per transaction, oldest first. */
+ * it a turn once that one has waited this long, or sooner when that one's
+ * next mail is older; one more than that, at once. A domain given a turn
+ * it was owed keeps it this long against older mail. Those looked at per
+ * transaction, oldest first (site_share.c conn_give_turn). */
 #define SITE_TURN_MS   100
-#define SITE_TURN_LOOK 8
+#define SITE_TURN_LOOK 32
 /* An idle connection whose [mx] or [source] slot another site waits for
  * (not owed it: key_slot_owed) keeps it this long for its own site's next
  * message, then gives it (sched_conn_next). */
@@ -392,6 +394,8 @@ struct dest {
     const struct dns_mx_result *affinity_for; /* compared only: the answer dest_affinity saw */
     struct lru_node want;    /* on site->want: waits for a connection */
     uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_owed) */
+    uint64_t owed_turn_ns;   /* monotonic ns a connection came to it by a turn it was
+                              * owed (site_turn_owed); 0: none yet (conn_give_turn) */
     struct lru_node addr_want; /* on d->addr_wait: an MX address's slots were taken */
     uint64_t addr_want_h;    /* ... which: a hash of its owner and address (addr_taken) */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */

@@ -4145,6 +4145,100 @@ site_turns_share_one_connection(void **state)
     fx_free(f);
 }
 
+/* Two domains of one site whose mail comes in turn, one connection
+ * (max_connections_per_address = 1): the connection carries the mail in
+ * the order it came, a turn after each transaction, without waiting
+ * SITE_TURN_MS for it (before, a.test kept the connection for 100 ms, so
+ * each domain's mail went in bursts, out of the order of the spool's
+ * keys, and a commit's removals fell on many more pages). A domain
+ * whose next message is newer than the carrying domain's waits, as in
+ * site_turns_share_one_connection. */
+static void
+site_turns_follow_the_age_of_the_mail(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    uint64_t first = c->job->id;
+    /* b a b a b, then two more of a.test's */
+    for (unsigned i = 0; i < 5; i++)
+        submit(i % 2 == 0 ? "b.test" : "a.test", 1);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *a = dest_get(f->d, "a.test");
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_ptr_equal(a->site, b->site);
+    assert_int_equal(f->opened, 1); /* the address is full: b.test waits */
+    assert_true(b->want.on);
+    for (unsigned i = 1; i <= 7; i++) {
+        f->w.now += MS_TO_NS(1); /* far less than SITE_TURN_MS */
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_int_equal(c->job->id, first + i); /* in the order it came */
+        assert_ptr_equal(c->dest, i == 7 || i % 2 == 0 ? a : b);
+    }
+    /* a b a b turns, then b.test had nothing left: a.test's last two */
+    assert_int_equal(f->d->stats.site_turns, 5);
+    assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* More waiting domains than a turn looks at (SITE_TURN_LOOK): a.test,
+ * which gives the connection to b.test's older message, waits in line
+ * again before the domains whose mail is newer than its next, not behind
+ * all 40 of them (its older mail then waited for every one: with 1,000
+ * domains on one host the deliveries ran 1,100 messages behind the
+ * oldest, and the spool's removals fell on as many pages). */
+static void
+site_turn_puts_the_giver_back_by_the_age_of_its_mail(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    uint64_t first = c->job->id;
+    submit("b.test", 1);
+    submit("a.test", 1);
+    char name[32];
+    for (unsigned i = 0; i < 40; i++) {
+        snprintf(name, sizeof(name), "d%u.test", i);
+        submit(name, 1);
+    }
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    for (unsigned i = 0; i < 40; i++) {
+        snprintf(name, sizeof(name), "d%u.test", i);
+        answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    }
+    assert_true(SITE_TURN_LOOK < 40);
+    assert_int_equal(f->opened, 1);
+    for (unsigned i = 1; i <= 42; i++) {
+        f->w.now += MS_TO_NS(1);
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_int_equal(c->job->id, first + i); /* in the order it came */
+    }
+    assert_int_equal(f->d->stats.site_turns, 1); /* a.test to b.test; the rest had nothing left */
+    fx_free(f);
+}
+
 /* A turn moves the connection to small.test, whose max_connection_rate
  * is one an hour: the move opens no connection at the receiver, so it
  * takes no token of that rate. Before, the first turn took the hour's
@@ -5067,6 +5161,8 @@ main(void)
         cmocka_unit_test(greeting_421_again_defers),
         cmocka_unit_test(greeting_421_count_starts_again_on_a_delivery),
         cmocka_unit_test(site_turns_share_one_connection),
+        cmocka_unit_test(site_turns_follow_the_age_of_the_mail),
+        cmocka_unit_test(site_turn_puts_the_giver_back_by_the_age_of_its_mail),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
         cmocka_unit_test(mx_refusal_gives_the_domains_token_back),
