@@ -335,7 +335,8 @@ want_push_by_age(struct dest *t)
  * 87% of one domain's (bench/README.md, session 64). The hold after an
  * owed turn to newer mail keeps two backlogs of one connection, the
  * newer behind the older, sharing it evenly: without it, each turn the
- * newer was owed was handed back after one transaction. */
+ * newer was owed was handed back after one transaction. With [redis]
+ * the turns are the fair ones alone (a move asks Redis for a lease). */
 struct dest *
 conn_give_turn(struct conn *c, struct dest *t)
 {
@@ -344,10 +345,14 @@ conn_give_turn(struct conn *c, struct dest *t)
     if (s == NULL || s->want.n == 0 || t->conns < 1)
         return NULL;
     unsigned looked = 0;
-    /* t came to c by a turn it was owed: no turn by age for a while */
-    bool kept = t->owed_turn_ns != 0 && d->w->now - t->owed_turn_ns < MS_TO_NS(SITE_TURN_MS);
+    /* No turn by age for a while when t came to c by a turn it was owed;
+     * none at all with [redis], where a domain's connection leases are
+     * Redis's: a move each transaction would ask it for one each time. */
+    bool by_age = d->e->cfg->redis.url == NULL;
+    bool kept = !by_age ||
+                (t->owed_turn_ns != 0 && d->w->now - t->owed_turn_ns < MS_TO_NS(SITE_TURN_MS));
     uint64_t next = dest_next_id(t), oldest = next;
-    struct dest *by_age = NULL;
+    struct dest *oldest_y = NULL;
     struct dest *w = NULL;
     struct lru_node *x = s->want.oldest;
     while (x != NULL && looked++ < SITE_TURN_LOOK) {
@@ -375,13 +380,13 @@ conn_give_turn(struct conn *c, struct dest *t)
         uint64_t id = dest_next_id(y);
         if (id < oldest && conn_may_carry(c, y)) {
             oldest = id;
-            by_age = y;
+            oldest_y = y;
         }
     }
-    if (w == NULL && by_age != NULL) {
-        lru_remove(&s->want, &by_age->want);
-        if (conn_take(c, by_age))
-            w = by_age;
+    if (w == NULL && oldest_y != NULL) {
+        lru_remove(&s->want, &oldest_y->want);
+        if (conn_take(c, oldest_y))
+            w = oldest_y;
     }
     if (w == NULL)
         return NULL;
@@ -390,7 +395,10 @@ conn_give_turn(struct conn *c, struct dest *t)
      * and that older time would give c back to it after one transaction
      * of w's. */
     dest_want_remove(t);
-    want_push_by_age(t);
+    if (by_age)
+        want_push_by_age(t);
+    else
+        want_push(t);
     if (log_enabled(LOG_DEBUG))
         log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s",
                 (unsigned long long)c->id, s->key, t->name, w->name);

@@ -4187,18 +4187,53 @@ site_turns_follow_the_age_of_the_mail(void **state)
         assert_int_equal(c->job->id, first + i); /* in the order it came */
         assert_ptr_equal(c->dest, i == 7 || i % 2 == 0 ? a : b);
     }
-    /* a b a b turns, then b.test had nothing left: a.test's last two */
+    /* five turns, a.test to b.test and back, then b.test had nothing
+     * left: a.test's last two */
     assert_int_equal(f->d->stats.site_turns, 5);
     assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* With [redis] a domain's connection leases are Redis's, and a turn by
+ * age each transaction would ask it for one each time: the turns are the
+ * fair ones alone there, and a.test keeps the connection until b.test
+ * has waited SITE_TURN_MS, as before the turns by age. (The url is set
+ * on the loaded config: the limits here stay local, and the scheduler's
+ * choice is what is checked.) */
+static void
+site_turns_by_age_are_off_with_redis(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    char url[] = "redis://127.0.0.1:1";
+    f->cfg->redis.url = url;
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    uint64_t first = c->job->id;
+    submit("b.test", 1);
+    submit("a.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *a = dest_get(f->d, "a.test");
+    f->w.now += MS_TO_NS(1);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, a); /* b.test's older message waits its turn */
+    assert_int_equal(c->job->id, first + 2);
+    assert_int_equal(f->d->stats.site_turns, 0);
+    f->cfg->redis.url = NULL; /* not the config's to free */
     fx_free(f);
 }
 
 /* More waiting domains than a turn looks at (SITE_TURN_LOOK): a.test,
  * which gives the connection to b.test's older message, waits in line
  * again before the domains whose mail is newer than its next, not behind
- * all 40 of them (its older mail then waited for every one: with 1,000
- * domains on one host the deliveries ran 1,100 messages behind the
- * oldest, and the spool's removals fell on as many pages). */
+ * all 40 of them, where its older mail waited for every one. */
 static void
 site_turn_puts_the_giver_back_by_the_age_of_its_mail(void **state)
 {
@@ -5163,6 +5198,7 @@ main(void)
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turns_follow_the_age_of_the_mail),
         cmocka_unit_test(site_turn_puts_the_giver_back_by_the_age_of_its_mail),
+        cmocka_unit_test(site_turns_by_age_are_off_with_redis),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
         cmocka_unit_test(mx_refusal_gives_the_domains_token_back),
