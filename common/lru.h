@@ -84,7 +84,8 @@ lru_age(struct lru *l, struct lru_node *x)
     l->n++;
 }
 
-/* x goes just before y (on l): nearer the oldest end than y. */
+/* x goes just before y, nearer the oldest end; y must be on l (x may
+ * be on it already: it moves). */
 static inline void
 lru_insert_before(struct lru *l, struct lru_node *x, struct lru_node *y)
 {

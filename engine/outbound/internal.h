@@ -98,9 +98,9 @@
 /* Turns among the domains of a site (sched_conn_next): a connection whose
  * domain holds one connection more than a waiting domain of its site gives
  * it a turn once that one has waited this long, or sooner when that one's
- * next mail is older; one more than that, at once. A domain given a turn
- * it was owed keeps it this long against older mail. Those looked at per
- * transaction, oldest first (site_share.c conn_give_turn). */
+ * next mail is older (not with [redis]); one more than that, at once. A
+ * domain given an owed turn for newer mail is held this long. Those looked
+ * at per transaction, oldest first (site_share.c conn_give_turn). */
 #define SITE_TURN_MS   100
 #define SITE_TURN_LOOK 32
 /* An idle connection whose [mx] or [source] slot another site waits for
@@ -395,7 +395,8 @@ struct dest {
     struct lru_node want;    /* on site->want: waits for a connection */
     uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_owed) */
     uint64_t owed_turn_ns;   /* monotonic ns a connection came to it by a turn it was
-                              * owed (site_turn_owed); 0: none yet (conn_give_turn) */
+                              * owed (site_turn_owed) for mail newer than the giver's:
+                              * held a while (conn_give_turn); 0: none yet */
     struct lru_node addr_want; /* on d->addr_wait: an MX address's slots were taken */
     uint64_t addr_want_h;    /* ... which: a hash of its owner and address (addr_taken) */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */

@@ -22,8 +22,8 @@
  * of the site's connections (site_share.c conn_give_turn: at once when
  * two more, after SITE_TURN_MS when one more), so one domain's backlog
  * does not keep the site's connections from the others, or sooner to
- * one whose next mail is older, so the site's mail goes nearer the order
- * it came in. A job that an MX
+ * one whose next mail is older (not with [redis]), so the site's mail
+ * goes nearer the order it came in. A job that an MX
  * host refused for a lack of its own (policy_host) is passed over by the
  * connections to that host and carried by one opened to another
  * (detour_pass, detour_take). When a

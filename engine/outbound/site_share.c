@@ -64,6 +64,13 @@ site_rollup_name(const struct config *cfg, const struct dns_mx_host *h)
     return rollup_alias(cfg, h);
 }
 
+/* The domain whose node on its site's want list x is. */
+static inline struct dest *
+dest_of_want(struct lru_node *x)
+{
+    return (struct dest *)((char *)x - offsetof(struct dest, want));
+}
+
 void
 dest_want_remove(struct dest *t)
 {
@@ -90,7 +97,7 @@ want_pop(struct site *s)
     if (x == NULL)
         return NULL;
     lru_remove(&s->want, x);
-    return (struct dest *)((char *)x - offsetof(struct dest, want));
+    return dest_of_want(x);
 }
 
 /* The site of t's answer, joined when the answer is new; its window's
@@ -285,27 +292,26 @@ dest_next_id(const struct dest *t)
 /* t, which just gave its connection a turn and has more to send, waits
  * in line again: before the first of the oldest SITE_TURN_LOOK waiting
  * domains whose next mail is newer than t's, where conn_give_turn looks
- * for the oldest mail, else at the end. Never ahead of one that has
- * waited SITE_TURN_MS: owed a turn, it keeps its place, and nothing
- * comes before it any more, so its wait stays bounded. At the end, t's
- * mail, older than most of the site's, waited for every domain ahead of
- * it. */
+ * for the oldest mail, else at the end. Put before one, t takes over
+ * that one's time in line: the line stays in the order of waiting, so
+ * when its first has waited SITE_TURN_MS (owed a turn, as may be those
+ * after it) t goes to the end, and no domain ever goes ahead of one
+ * owed a turn. */
 static void
 want_push_by_age(struct dest *t)
 {
     struct site *s = t->site;
     if (s == NULL || t->want.on)
         return;
-    uint64_t now = t->d->w->now;
     uint64_t id = dest_next_id(t);
     unsigned looked = 0;
     for (struct lru_node *x = s->want.oldest; x != NULL && looked++ < SITE_TURN_LOOK;
          x = x->next) {
-        struct dest *y = (struct dest *)((char *)x - offsetof(struct dest, want));
-        if (now - y->want_since >= MS_TO_NS(SITE_TURN_MS))
-            break; /* owed a turn: t goes behind it (and those after) */
+        struct dest *y = dest_of_want(x);
+        if (t->d->w->now - y->want_since >= MS_TO_NS(SITE_TURN_MS))
+            break;
         if (dest_next_id(y) > id) {
-            t->want_since = now;
+            t->want_since = y->want_since;
             lru_insert_before(&s->want, &t->want, x);
             return;
         }
@@ -320,62 +326,59 @@ want_push_by_age(struct dest *t)
  * for the whole newsletter when the site was at its window or its
  * address cap). After each transaction, c's domain t gives c to the
  * first of the oldest SITE_TURN_LOOK waiting domains it owes a turn
- * (site_turn_owed); else, unless t itself came to c by an owed turn less
- * than SITE_TURN_MS ago, to the one among them holding fewer
- * connections than t whose next mail is the oldest, if older than t's;
+ * (site_turn_owed); else to the one among them holding fewer
+ * connections than t whose next mail is the oldest, if older than t's
+ * (and its rate, hold or suspension does not keep it from sending now);
  * and t waits in line (want_push_by_age). Returns that domain, c moved
  * to it, or NULL (c stays with t).
  *
- * The age rule keeps a site's deliveries near the order its mail came
- * in across its domains, as one domain's are. The spool's keys are in
- * that order, so a commit's removals then fall on a few pages: with
- * turns only every SITE_TURN_MS each domain's backlog went in bursts,
- * and with 100 domains on one host the spool wrote 2.4 runs of pages a
- * message against 0.4 for one domain, the writeback taking the rate to
- * 87% of one domain's (bench/README.md, session 64). The hold after an
- * owed turn to newer mail keeps two backlogs of one connection, the
- * newer behind the older, sharing it evenly: without it, each turn the
- * newer was owed was handed back after one transaction. With [redis]
- * the turns are the fair ones alone (a move asks Redis for a lease). */
+ * The turns by age keep a site's deliveries near the order its mail came
+ * in across its domains, as one domain's are: the spool's keys are in
+ * that order, so a commit's removals fall on few pages (bench/README.md,
+ * "A site's turns follow the age of its mail"). A domain given an owed
+ * turn for mail newer than t's is held: for SITE_TURN_MS after, none of
+ * its connections gives a turn by age, nor an owed one to a domain only
+ * one connection short (two short still get theirs). So two backlogs of
+ * one connection, the newer behind the older, share it evenly; without
+ * the hold the newer one was handed back after each transaction.
+ * With [redis] the turns are the owed ones alone, without the hold:
+ * there a domain's connection leases are Redis's, and a move each
+ * transaction would ask Redis for one each time. */
 struct dest *
 conn_give_turn(struct conn *c, struct dest *t)
 {
     struct site *s = c->site;
     struct delivery *d = c->d;
+    uint64_t now = d->w->now;
     if (s == NULL || s->want.n == 0 || t->conns < 1)
         return NULL;
-    unsigned looked = 0;
-    /* No turn by age for a while when t came to c by a turn it was owed;
-     * none at all with [redis], where a domain's connection leases are
-     * Redis's: a move each transaction would ask it for one each time. */
     bool by_age = d->e->cfg->redis.url == NULL;
-    bool kept = !by_age ||
-                (t->owed_turn_ns != 0 && d->w->now - t->owed_turn_ns < MS_TO_NS(SITE_TURN_MS));
+    bool held = by_age && t->owed_turn_ns != 0 && now - t->owed_turn_ns < MS_TO_NS(SITE_TURN_MS);
     uint64_t next = dest_next_id(t), oldest = next;
-    struct dest *oldest_y = NULL;
-    struct dest *w = NULL;
+    struct dest *oldest_y = NULL, *w = NULL;
+    unsigned looked = 0;
     struct lru_node *x = s->want.oldest;
     while (x != NULL && looked++ < SITE_TURN_LOOK) {
-        struct dest *y = (struct dest *)((char *)x - offsetof(struct dest, want));
+        struct dest *y = dest_of_want(x);
         x = x->next;
         if (y == t || y->conns + 1 > t->conns)
             continue;
         /* One c may not carry (another TLS policy, an MX host its
          * MTA-STS policy does not name, a DANE host) keeps its place. */
-        if (site_turn_owed(t, y, d->w->now)) {
+        if (site_turn_owed(t, y, now) && (!held || y->conns + 1 < t->conns)) {
             if (!conn_may_carry(c, y))
                 continue;
             bool newer = dest_next_id(y) > next;
             lru_remove(&s->want, &y->want);
             if (conn_take(c, y)) {
                 if (newer)
-                    y->owed_turn_ns = d->w->now;
+                    y->owed_turn_ns = now;
                 w = y;
                 break;
             }
             continue;
         }
-        if (kept)
+        if (!by_age || held || dest_paused(y) || now < y->hold_until || now < y->rate_until)
             continue;
         uint64_t id = dest_next_id(y);
         if (id < oldest && conn_may_carry(c, y)) {
@@ -383,10 +386,12 @@ conn_give_turn(struct conn *c, struct dest *t)
             oldest_y = y;
         }
     }
+    const char *why = "owed";
     if (w == NULL && oldest_y != NULL) {
         lru_remove(&s->want, &oldest_y->want);
         if (conn_take(c, oldest_y))
             w = oldest_y;
+        why = "age";
     }
     if (w == NULL)
         return NULL;
@@ -400,8 +405,8 @@ conn_give_turn(struct conn *c, struct dest *t)
     else
         want_push(t);
     if (log_enabled(LOG_DEBUG))
-        log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s",
-                (unsigned long long)c->id, s->key, t->name, w->name);
+        log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s why=%s",
+                (unsigned long long)c->id, s->key, t->name, w->name, why);
     d->stats.site_turns++;
     return w;
 }
@@ -422,7 +427,7 @@ site_wake(struct delivery *d, struct site *s)
         while (s->want.oldest != NULL) {
             struct lru_node *x = s->want.oldest;
             lru_remove(&s->want, x);
-            dest_lim_wait((struct dest *)((char *)x - offsetof(struct dest, want)), d->w->now);
+            dest_lim_wait(dest_of_want(x), d->w->now);
         }
         return;
     }
@@ -439,7 +444,7 @@ site_wake(struct delivery *d, struct site *s)
     size_t runs = s->want.n;
     struct lru_node *x = s->want.oldest;
     while (runs > 0 && x != NULL && s->conns < site_window_allowed(&s->win)) {
-        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, want));
+        struct dest *t = dest_of_want(x);
         if (s->conns >= t->pol->max_connections) {
             x = x->next;
             continue;
@@ -459,7 +464,7 @@ site_wake(struct delivery *d, struct site *s)
          * the site open here, no end of a connection will wake the
          * others, so each runs again soon by itself. */
         for (struct lru_node *y = s->want.oldest; y != NULL; y = y->next)
-            dest_lim_wait((struct dest *)((char *)y - offsetof(struct dest, want)),
+            dest_lim_wait(dest_of_want(y),
                           d->w->now + MS_TO_NS(HOLD_MIN_MS));
     }
     site_unref(&d->sites, s);

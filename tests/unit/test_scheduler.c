@@ -4194,6 +4194,58 @@ site_turns_follow_the_age_of_the_mail(void **state)
     fx_free(f);
 }
 
+/* Six domains of one site, their mail in no order, one connection,
+ * transactions of 10 ms and every seventh of 150: turns by age and owed
+ * turns both happen. After
+ * each, the site's line is in the order of waiting (want_since never
+ * falls along it), so no domain is ever put ahead of one owed a turn; and
+ * every message goes. Before, a domain put back by the age of its mail
+ * took the time it was put back: a fresh time ahead of older ones, and a
+ * domain owed a turn behind it could be pushed back without end. */
+static void
+site_line_stays_in_the_order_of_waiting(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    char name[32];
+    submit("d0.test", 1);
+    answer("d0.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    uint32_t lcg = 1; /* the domains in a fixed pseudo-random order: runs of one, gaps */
+    for (unsigned i = 1; i < 60; i++) {
+        lcg = lcg * 1103515245u + 12345u;
+        snprintf(name, sizeof(name), "d%u.test", i < 6 ? i : (lcg >> 16) % 6);
+        submit(name, 1);
+    }
+    for (unsigned i = 1; i < 6; i++) {
+        snprintf(name, sizeof(name), "d%u.test", i);
+        answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    }
+    struct site *site = dest_get(f->d, "d0.test")->site;
+    unsigned sent = 1, turns_seen = 0;
+    for (unsigned step = 0; step < 59; step++) {
+        f->w.now += MS_TO_NS(step % 7 == 6 ? 150 : 10);
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        sent++;
+        uint64_t last = 0;
+        for (struct lru_node *x = site->want.oldest; x != NULL; x = x->next) {
+            const struct dest *y = (const struct dest *)((char *)x - offsetof(struct dest, want));
+            assert_true(y->want_since >= last);
+            last = y->want_since;
+        }
+        turns_seen = (unsigned)f->d->stats.site_turns;
+    }
+    assert_int_equal(sent, 60);
+    assert_true(turns_seen > 10);
+    fx_free(f);
+}
+
 /* With [redis] a domain's connection leases are Redis's, and a turn by
  * age each transaction would ask it for one each time: the turns are the
  * fair ones alone there, and a.test keeps the connection until b.test
@@ -5199,6 +5251,7 @@ main(void)
         cmocka_unit_test(site_turns_follow_the_age_of_the_mail),
         cmocka_unit_test(site_turn_puts_the_giver_back_by_the_age_of_its_mail),
         cmocka_unit_test(site_turns_by_age_are_off_with_redis),
+        cmocka_unit_test(site_line_stays_in_the_order_of_waiting),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
         cmocka_unit_test(mx_refusal_gives_the_domains_token_back),
