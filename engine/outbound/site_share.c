@@ -395,7 +395,8 @@ conn_give_turn(struct conn *c, struct dest *t)
     }
     if (w == NULL)
         return NULL;
-    /* Its backlog waits in line, from now: t may have been on the list
+    /* Its backlog waits in line again, from now or (by age) from the
+     * time of the domain it goes before: t may have been on the list
      * since it took a connection (conn_take pushes a domain with more),
      * and that older time would give c back to it after one transaction
      * of w's. */
