@@ -6,7 +6,9 @@
  * (QUEUE_WARNED: the delay warning's mark in its record), event lines
  * and their trimming (apply_events, apply_trim), the due recipients taken
  * out of the time index (apply_take), the messages left without
- * recipients removed (apply_remove_finished), and a message dropped
+ * recipients handed to the sweep (apply_remove_finished, apply_gone_log)
+ * and the sweep that removes their records (apply_sweep), and a message
+ * dropped
  * whole (apply_drop: an enqueue reported failed whose commit may have
  * landed). commit.c opens the transaction, calls these, and commits.
  *
@@ -136,7 +138,14 @@ apply_outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MD
             return rc;
         if (!msg_decode(&mv, &mh))
             return MDB_CORRUPTED;
-        *stale = (mh.flags & MSG_F_WARNED) != 0;
+        if ((mh.flags & MSG_F_WARNED) != 0)
+            return 0;
+        /* A message with no recipient left is finished, its record
+         * waiting for the sweep (queue_int.h, "gone"): nothing to warn of. */
+        bool has;
+        if ((rc = queue_msg_has_rcpt(q, txn, it->id, &has)) != 0)
+            return rc;
+        *stale = !has;
         return 0;
     }
     rcpt_key(key, it->id, it->rcpt);
@@ -539,13 +548,6 @@ apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
     return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
-static int
-cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* The record and body chunks of message id deleted (counted in
  * t->removed); nothing when it is not stored. Returns 0 or an LMDB code. */
 static int
@@ -574,13 +576,30 @@ msg_remove(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t)
     return rc;
 }
 
-/* Remove the message and body of every touched id left without recipients. */
+/* id to q->gone; 0 or ENOMEM. */
+static int
+gone_add(struct queue *q, uint64_t id)
+{
+    if (q->gone_n == q->gone_cap) {
+        size_t cap = q->gone_cap ? q->gone_cap * 2 : GONE_SWEEP_N;
+        uint64_t *g = realloc(q->gone, cap * sizeof(*g));
+        if (g == NULL)
+            return ENOMEM;
+        q->gone = g;
+        q->gone_cap = cap;
+    }
+    q->gone[q->gone_n++] = id;
+    return 0;
+}
+
+/* Every touched id left without recipients goes to q->gone: its record
+ * and body wait for the sweep (queue_int.h, "gone"). */
 int
 apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
 {
     if (q->touched_n == 0)
         return 0;
-    qsort(q->touched, q->touched_n, sizeof(uint64_t), cmp_u64);
+    qsort(q->touched, q->touched_n, sizeof(uint64_t), queue_cmp_u64);
     MDB_cursor *c;
     int rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
     if (rc != 0)
@@ -599,9 +618,39 @@ apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
             continue; /* recipients left */
         if (rc != 0 && rc != MDB_NOTFOUND)
             break;
-        rc = msg_remove(q, txn, id, t);
+        if ((rc = gone_add(q, id)) == 0)
+            t->finished++;
     }
     mdb_cursor_close(c);
+    return rc;
+}
+
+int
+apply_gone_log(struct queue *q, MDB_txn *txn, size_t mark)
+{
+    if (q->gone_n <= mark)
+        return 0;
+    unsigned char key[8];
+    msg_key(key, q->gone_seq);
+    MDB_val k = {sizeof(key), key}, v = {(q->gone_n - mark) * sizeof(uint64_t), q->gone + mark};
+    return mdb_put(txn, q->dbi_gone, &k, &v, MDB_APPEND);
+}
+
+int
+apply_sweep(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t nall,
+            struct tally *t)
+{
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = msg_remove(q, txn, ids[i], t);
+    if (rc == 0)
+        rc = mdb_drop(txn, q->dbi_gone, 0);
+    if (rc == 0 && n < nall) {
+        unsigned char key[8];
+        msg_key(key, q->gone_seq);
+        MDB_val k = {sizeof(key), key}, v = {(nall - n) * sizeof(uint64_t), (void *)(ids + n)};
+        rc = mdb_put(txn, q->dbi_gone, &k, &v, 0);
+    }
     return rc;
 }
 

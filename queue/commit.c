@@ -5,8 +5,11 @@
  * room left in the map and on disk (admit, admit_msgs and the blocks of
  * queue_disk_reserve), applies a batch in one write transaction
  * (commit_set; what it writes is apply.c's), and sends the completions on
- * once their commit is durable (flush_pending); the notifier pushes them
- * to their ports (deliver).
+ * once their commit is durable (flush_pending); it sweeps the finished
+ * messages' records in commits of their own (before a batch or when
+ * idle once due, short of room, closing: gone_due, gone_wait,
+ * gone_sweep); the notifier pushes the completions to their ports
+ * (deliver).
  *
  * Threading: all of it runs on the committer thread, except
  * queue_notifier_main() on the notifier thread and what it calls
@@ -46,6 +49,11 @@
  * (2% of the map, 32 pages at least, 32 MB at most) for outcome updates.
  * If a commit still fails for space, the enqueues of that batch get the
  * error and its updates are committed alone (split in halves on failure).
+ * Deliveries free their messages' pages only when the finished messages
+ * are swept (queue_int.h, "gone"): an enqueue refused for room sweeps
+ * them at once and is admitted again, and a sweep too large for the
+ * reserve takes half of them, down to one (gone_sweep); sweeps are
+ * commits of their own, so a failing one never holds up the outcomes.
  * The map cannot grow while the server runs: raise map_size and restart.
  *
  * A full disk. The same reserve must exist on disk: the committer keeps
@@ -192,6 +200,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     struct tally t = {0};
     uint64_t now = clock_unix_ms();
     q->touched_n = 0;
+    size_t gone_mark = q->gone_n;
     for (size_t i = 0; i < nu && rc == 0; i++) {
         struct queue_req *r = upd[i];
         if (r->kind == REQ_TAKE) {
@@ -218,6 +227,10 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     }
     if (rc == 0)
         rc = apply_remove_finished(q, txn, &t);
+    /* The messages it finished: their ids one record at the end of
+     * "gone", their records and bodies left for the sweep (gone_sweep). */
+    if (rc == 0)
+        rc = apply_gone_log(q, txn, gone_mark);
     /* The messages updates carry (DSNs), with the outcomes that caused
      * them; not when those were all stale (that commit happened before). */
     for (size_t i = 0; i < nu && rc == 0; i++) {
@@ -269,6 +282,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
             takes_only &= upd[i]->kind == REQ_TAKE;
         if (takes_only) {
             mdb_txn_abort(txn);
+            q->gone_n = gone_mark;
             return 0;
         }
     }
@@ -286,15 +300,22 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     }
     if (rc != 0) {
         mdb_txn_abort(txn);
+        q->gone_n = gone_mark;
         counter_add(&q->st.commit_failures, 1);
         return rc;
     }
     rc = mdb_txn_commit(txn);
     if (rc != 0) {
+        q->gone_n = gone_mark;
         counter_add(&q->st.commit_failures, 1);
         if (rc > 0)
             q->io_err = rc; /* see queue_committer_main */
         return rc;
+    }
+    if (q->gone_n > gone_mark) {
+        q->gone_seq++;
+        if (gone_mark == 0)
+            q->gone_since_us = clock_mono_us();
     }
     q->batch_commits++;
     q->high_id = high;
@@ -327,13 +348,121 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     counter_add(&q->st.enqueued_bytes, t.enq_bytes);
     counter_add(&q->st.outcomes, t.outcomes);
     counter_add(&q->st.outcomes_stale, t.stale);
-    counter_add(&q->st.removed, t.removed);
+    counter_add(&q->st.removed, t.finished); /* finished: swept later (gone_sweep) */
     counter_add(&q->st.taken, t.taken);
     counter_add(&q->st.commit_us_total, us);
     counter_max(&q->st.commit_us_max, us);
     counter_max(&q->st.batch_max, nu + ne);
     queue_refresh_map_use(q);
     queue_disk_reserve(q, 0);
+    return 0;
+}
+
+/* The sweep of ids[0..n) of the sorted q->gone in a commit of its own,
+ * "gone" left naming the rest. Returns 0 or an LMDB code. */
+static int
+sweep_commit(struct queue *q, size_t n)
+{
+    uint64_t t0 = clock_mono_us();
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc != 0)
+        return rc;
+    struct tally t = {0};
+    rc = apply_sweep(q, txn, q->gone, n, q->gone_n, &t);
+    /* the highest id outlives the messages that carried it */
+    bool store = rc == 0 && t.removed > 0 && q->high_id > q->stored_id;
+    if (store) {
+        MDB_val k = {7, "last_id"}, v = {sizeof(q->high_id), &q->high_id};
+        rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
+    }
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        counter_add(&q->st.commit_failures, 1);
+        return rc;
+    }
+    if ((rc = mdb_txn_commit(txn)) != 0) {
+        counter_add(&q->st.commit_failures, 1);
+        if (rc > 0)
+            q->io_err = rc; /* see queue_committer_main: it may have been the pending's sync */
+        return rc;
+    }
+    q->batch_commits++;
+    if (store)
+        q->stored_id = q->high_id;
+    if (n < q->gone_n)
+        q->gone_seq++;
+    if (t.removed > 0)
+        q->since_free = 0;
+    counter_add(&q->st.commits, 1);
+    counter_add(&q->st.swept, t.removed);
+    uint64_t us = clock_mono_us() - t0;
+    counter_add(&q->st.commit_us_total, us);
+    counter_max(&q->st.commit_us_max, us);
+    queue_refresh_map_use(q);
+    return 0;
+}
+
+/* Whether the finished messages are due for their sweep: GONE_SWEEP_N
+ * wait or the first has waited sweep_ms, and no failed sweep asks for
+ * a wait. *at: when they will be, when not. */
+static bool
+gone_due(const struct queue *q, uint64_t now, uint64_t *at)
+{
+    uint64_t due = q->gone_n >= GONE_SWEEP_N ? 0 : q->gone_since_us + q->cfg.sweep_ms * 1000ULL;
+    if (due < q->gone_retry_us)
+        due = q->gone_retry_us;
+    *at = due;
+    return q->gone_n > 0 && now >= due;
+}
+
+/* The sweep of the finished messages, in commits of their own: all of
+ * them, or on a space failure (the sweep dirties a leaf of "msg" for
+ * each and frees their pages only as it commits) the first half, down
+ * to one. Failing, it is tried again after a wait that doubles from
+ * 100 ms to 5 s, logged once until one works. Returns 0 or an LMDB code. */
+static int
+gone_sweep(struct queue *q)
+{
+    qsort(q->gone, q->gone_n, sizeof(*q->gone), queue_cmp_u64);
+    size_t m = 0;
+    for (size_t i = 0; i < q->gone_n; i++)
+        if (m == 0 || q->gone[i] != q->gone[m - 1])
+            q->gone[m++] = q->gone[i];
+    q->gone_n = m;
+    size_t n = q->gone_n;
+    int rc;
+    while ((rc = sweep_commit(q, n)) != 0 && lmdb_space_err(rc) && n > 1)
+        n /= 2;
+    uint64_t now = clock_mono_us();
+    if (rc != 0) {
+        q->gone_backoff_ms = !q->gone_failing             ? 100
+                             : q->gone_backoff_ms >= 2500 ? 5000
+                                                          : q->gone_backoff_ms * 2;
+        q->gone_retry_us = now + q->gone_backoff_ms * 1000ULL;
+        if (!q->gone_failing)
+            log_msg(LOG_WARN,
+                    "queue=sweep_failed path=%s error=\"%s\" finished=%zu "
+                    "note=\"their records stay until a sweep works; tried again from 100 ms "
+                    "to every 5 s\"",
+                    q->cfg.path, queue_strerror(queue_lmdb_err(rc)), q->gone_n);
+        q->gone_failing = true;
+        return rc;
+    }
+    if (q->gone_failing)
+        log_msg(LOG_NOTICE, "queue=sweep_works path=%s swept=%zu left=%zu", q->cfg.path, n,
+                q->gone_n - n);
+    q->gone_failing = false;
+    q->gone_retry_us = 0;
+    memmove(q->gone, q->gone + n, (q->gone_n - n) * sizeof(*q->gone));
+    q->gone_n -= n;
+    q->gone_since_us = now;
+    if (q->gone_n == 0 && q->gone_cap > 4 * GONE_SWEEP_N) {
+        /* after a mass bounce: back to the usual size */
+        free(q->gone);
+        q->gone = NULL;
+        q->gone_cap = 0;
+    }
     return 0;
 }
 
@@ -416,7 +545,7 @@ full_note(struct queue *q, const char *reason, size_t refused)
  * enough and could not be extended). Either way a reserve is left for
  * the updates that free room. */
 static size_t
-admit(struct queue *q, struct queue_req **enq, size_t ne)
+admit(struct queue *q, struct queue_req **enq, size_t ne, bool note)
 {
     size_t need_all = 0;
     for (size_t i = 0; i < ne; i++)
@@ -443,7 +572,7 @@ admit(struct queue *q, struct queue_req **enq, size_t ne)
             enq[na++] = enq[i];
         }
     }
-    if (refused_map + refused_disk > 0)
+    if (note && refused_map + refused_disk > 0)
         full_note(q, refused_map ? "map_full" : "disk_full", refused_map + refused_disk);
     return na;
 }
@@ -750,8 +879,21 @@ run_batch(struct queue *q, struct queue_req *batch)
     }
     if (refused > 0)
         counter_add(&q->st.sync_failing_refused, refused);
+    size_t na = ne > 0 ? admit(q, q->vec_enq, ne, q->gone_n == 0) : 0;
+    if (na < ne && q->gone_n > 0 && clock_mono_us() >= q->gone_retry_us) {
+        /* Short of room while finished messages wait for the sweep:
+         * their pages first (reusable two commits on: retry_enqueues),
+         * then the batch's enqueues admitted again. */
+        gone_sweep(q);
+        ne = 0;
+        for (struct queue_req *r = batch; r != NULL; r = r->next)
+            if (r->kind == REQ_ENQUEUE && r->rc != -EIO) {
+                r->rc = 0;
+                q->vec_enq[ne++] = r;
+            }
+        na = admit(q, q->vec_enq, ne, true);
+    }
     nu = admit_msgs(q, q->vec_upd, nu);
-    size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
     int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
     if (rc == 0) {
         /* room again once a batch's enqueues all went in (one that
@@ -1021,6 +1163,22 @@ drop_wait(struct queue *q)
     return false; /* the loop looks again: a request first, then the time */
 }
 
+/* With q->mu held and the committer idle: whether the finished messages
+ * are due for their sweep (then the caller sweeps); else waits until
+ * they will be, or a request comes, and returns false. */
+static bool
+gone_wait(struct queue *q)
+{
+    uint64_t now = clock_mono_us(), at;
+    if (gone_due(q, now, &at))
+        return true;
+    struct timespec ts = clock_mono_deadline_us(at - now);
+    q->idle = true;
+    pthread_cond_timedwait(&q->cond, &q->mu, &ts);
+    q->idle = false;
+    return false;
+}
+
 void *
 queue_committer_main(void *arg)
 {
@@ -1037,6 +1195,13 @@ queue_committer_main(void *arg)
                 continue;
             }
             if (q->stopping) {
+                if (q->gone_n > 0 && !q->gone_failing) {
+                    /* the finished messages' sweep (one that fails is
+                     * the next open's) */
+                    pthread_mutex_unlock(&q->mu);
+                    gone_sweep(q);
+                    pthread_mutex_lock(&q->mu);
+                }
                 if (q->drop_n > 0) {
                     pthread_mutex_unlock(&q->mu);
                     drop_kept(q);
@@ -1051,6 +1216,15 @@ queue_committer_main(void *arg)
                 if (drop_wait(q)) {
                     pthread_mutex_unlock(&q->mu);
                     drop_unconfirmed(q);
+                    pthread_mutex_lock(&q->mu);
+                }
+                continue;
+            }
+            if (q->gone_n > 0) {
+                /* the finished messages' sweep once due: idle meanwhile */
+                if (gone_wait(q)) {
+                    pthread_mutex_unlock(&q->mu);
+                    gone_sweep(q);
                     pthread_mutex_lock(&q->mu);
                 }
                 continue;
@@ -1081,6 +1255,9 @@ queue_committer_main(void *arg)
 
         q->batch_commits = 0;
         q->io_err = 0;
+        uint64_t due_at;
+        if (gone_due(q, clock_mono_us(), &due_at))
+            gone_sweep(q); /* its sync counts as the batch's (batch_commits, io_err) */
         run_batch(q, batch);
         if (q->io_err != 0 && !q->cfg.unsafe_no_sync) {
             /* A commit failed writing or syncing. Its sync may have been

@@ -28,6 +28,13 @@ const struct conf_key queue_conf_keys[] = {
     {"max_batch_bytes", CONF_SIZE, offsetof(struct queue_config, max_batch_bytes), 64ULL << 10, 0,
      "64M", "most body bytes committed in one write transaction (a larger message goes alone)",
      NULL},
+    {"sweep_ms", CONF_UINT, offsetof(struct queue_config, sweep_ms), 0, 60000, "200",
+     "longest a finished message's record and body wait in the spool (gone to every reader "
+     "already) to be removed with others, in key order, in a commit of their own (a sweep; "
+     "also once 4096 wait, when the spool is short of room, at close and at open): "
+     "deliveries out of arrival order (many domains) then write far fewer pages; 0 sweeps "
+     "as soon as the spool is idle or before its next commit",
+     NULL},
     CONF_END,
 };
 

@@ -2,7 +2,8 @@
  * open: opening a spool (queue_int.h lists the other files): its lock,
  * the LMDB environment (its flags are the durability choices described
  * in commit.c), the schema, the id generator and the event numbers seeded
- * from what is stored, the disk reserve, and the committer and notifier
+ * from what is stored, the sweep of the finished messages a crash left
+ * (open_sweep), the disk reserve, and the committer and notifier
  * threads; and closing it.
  *
  * Threading: the one thread that opens or closes (queue.h). open fills
@@ -80,11 +81,12 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
             (rc = mdb_dbi_open(txn, "due", MDB_CREATE, &q->dbi_due)) != 0 ||
             (rc = mdb_dbi_open(txn, "events", MDB_CREATE, &q->dbi_events)) != 0 ||
             (rc = mdb_dbi_open(txn, "notes", MDB_CREATE, &q->dbi_notes)) != 0 ||
+            (rc = mdb_dbi_open(txn, "gone", MDB_CREATE, &q->dbi_gone)) != 0 ||
             (rc = mdb_put(txn, q->dbi_meta, &k1, &v1, 0)) != 0 ||
             (rc = mdb_put(txn, q->dbi_meta, &k2, &v2, 0)) != 0)
             return open_fail(err, errlen, queue_lmdb_err(rc), "cannot create spool %s: %s", path,
                              mdb_strerror(rc));
-        q->has_events = q->has_notes = true;
+        q->has_events = q->has_notes = q->has_gone = true;
         return 0;
     }
     if (rc != 0)
@@ -130,12 +132,75 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
         return open_fail(err, errlen, queue_lmdb_err(rc),
                          "cannot open the events database of %s: %s", path, mdb_strerror(rc));
     rc = mdb_dbi_open(txn, "notes", q->read_only ? 0 : MDB_CREATE, &q->dbi_notes);
-    if (rc == MDB_NOTFOUND && q->read_only)
-        return 0; /* an older sluice's spool: no notes to read */
-    if (rc != 0)
+    if (rc == 0)
+        q->has_notes = true;
+    else if (rc != MDB_NOTFOUND || !q->read_only) /* else an older sluice's: no notes */
         return open_fail(err, errlen, queue_lmdb_err(rc),
                          "cannot open the notes database of %s: %s", path, mdb_strerror(rc));
-    q->has_notes = true;
+    rc = mdb_dbi_open(txn, "gone", q->read_only ? 0 : MDB_CREATE, &q->dbi_gone);
+    if (rc == 0)
+        q->has_gone = true;
+    else if (rc != MDB_NOTFOUND || !q->read_only) /* else an older sluice's: none waits */
+        return open_fail(err, errlen, queue_lmdb_err(rc), "cannot open the gone database of %s: %s",
+                         path, mdb_strerror(rc));
+    return 0;
+}
+
+/* The finished messages a sweep did not remove before the spool was
+ * last closed (a crash, a failed sweep) removed now (queue_int.h,
+ * "gone"), in a transaction nested in the opening one: should it fail
+ * (a map too full for it), the spool opens all the same and the
+ * committer's sweep tries again. Read-only: nothing (readers take a
+ * message without recipients for finished). Returns 0 or an LMDB code
+ * (reading "gone" failed). */
+static int
+open_sweep(struct queue *q, MDB_txn *txn)
+{
+    if (q->read_only || !q->has_gone)
+        return 0;
+    MDB_cursor *c;
+    MDB_val k, v;
+    int rc = mdb_cursor_open(txn, q->dbi_gone, &c);
+    if (rc != 0)
+        return rc;
+    rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
+    if (rc == 0 && k.mv_size == 8)
+        q->gone_seq = key_u64(k.mv_data) + 1; /* records append after it */
+    mdb_cursor_close(c);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    uint64_t *ids;
+    size_t n;
+    if (rc != 0 || (rc = queue_gone_ids(q, txn, &ids, &n)) != 0)
+        return rc;
+    MDB_txn *sub;
+    struct tally t = {0};
+    rc = mdb_txn_begin(q->env, txn, 0, &sub);
+    if (rc == 0) {
+        rc = apply_sweep(q, sub, ids, n, n, &t);
+        if (rc == 0 && t.removed > 0 && q->high_id > q->stored_id) {
+            MDB_val lk = {7, "last_id"}, lv = {sizeof(q->high_id), &q->high_id};
+            rc = mdb_put(sub, q->dbi_meta, &lk, &lv, 0);
+        }
+        if (rc == 0)
+            rc = mdb_txn_commit(sub);
+        else
+            mdb_txn_abort(sub);
+    }
+    if (rc == 0) {
+        if (t.removed > 0 && q->high_id > q->stored_id)
+            q->stored_id = q->high_id;
+        log_msg(LOG_NOTICE, "event=spool_swept path=%s finished=%zu removed=%" PRIu64, q->cfg.path,
+                n, t.removed);
+        free(ids);
+        return 0;
+    }
+    log_msg(LOG_WARN,
+            "event=spool_sweep_deferred path=%s finished=%zu error=\"%s\" "
+            "note=\"the records stay until the running spool's sweep removes them\"",
+            q->cfg.path, n, queue_strerror(queue_lmdb_err(rc)));
+    q->gone = ids; /* the committer sweeps them once it runs (gone_since_us 0: due) */
+    q->gone_n = q->gone_cap = n;
     return 0;
 }
 
@@ -284,6 +349,7 @@ queue_destroy(struct queue *q)
     free(q->ports);
     free(q->cports);
     free(q->touched);
+    free(q->gone);
     free(q->drop);
     pthread_mutex_destroy(&q->mu);
     pthread_cond_destroy(&q->cond);
@@ -345,7 +411,7 @@ env_open(struct queue *q, const char *path, unsigned flags)
         return rc;
     }
     mdb_env_set_assert(q->env, on_lmdb_assert); /* EINVAL where LMDB has no assertions */
-    if ((rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
+    if ((rc = mdb_env_set_maxdbs(q->env, 16)) != 0 ||
         (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
         (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
         (rc = mdb_env_open(q->env, path, flags, 0600)) != 0) {
@@ -582,7 +648,7 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
     }
     int code = open_schema(q, txn, err, errlen);
     if (code == 0 && ((rc = open_seed_ids(q, txn)) != 0 || (rc = open_seed_events(q, txn)) != 0 ||
-                      (rc = open_seed_notes(q, txn)) != 0))
+                      (rc = open_seed_notes(q, txn)) != 0 || (rc = open_sweep(q, txn)) != 0))
         code = open_fail(err, errlen, queue_lmdb_err(rc), "cannot read spool %s: %s", path,
                          mdb_strerror(rc));
     fault_guard_restore(prev);

@@ -48,6 +48,7 @@ struct queue_config {
     bool unsafe_no_sync;      /* MDB_NOSYNC: gives up durability */
     unsigned max_batch;       /* requests per commit */
     uint64_t max_batch_bytes; /* body bytes per commit (a larger message goes alone) */
+    unsigned sweep_ms;        /* a finished message's records removed within this (0: at once) */
 };
 
 /* The key table for struct queue_config (conf_defaults, conf_set, conf_free). */
@@ -286,7 +287,9 @@ enum queue_outcome_kind {
                       * already or gone, so that of two crossing, one applies */
 };
 
-/* One recipient outcome. The message is removed with its last recipient.
+/* One recipient outcome. The message goes with its last recipient: from
+ * then on every read says it is not stored, and its record and body are
+ * removed by the next sweep ([queue] sweep_ms, queue_int.h "gone").
  * An outcome for a recipient that is no longer stored (already removed,
  * e.g. a retry after a crash) is ignored and counted in the stats (stale);
  * so is a QUEUE_DEFERRED one for a recipient deferred already with the
@@ -571,7 +574,8 @@ struct queue_counts {
     uint64_t ready;    /* recipients */
     uint64_t deferred; /* recipients */
     uint64_t bytes;    /* totals only: the pages the messages take (envelopes, bodies,
-                        * recipients and their due index), not those LMDB keeps free */
+                        * recipients and their due index; finished messages' until
+                        * their sweep), not those LMDB keeps free */
     /* Per domain only (zero in the totals): */
     uint64_t oldest_ms; /* queue_id_time_ms() of its oldest recipient, ready or deferred,
                          * a held one (QUEUE_TAG_HELD) left out: it waits for no try */
@@ -634,7 +638,8 @@ struct queue_stats {
     uint64_t outcomes_stale;  /* outcomes for recipients no longer stored */
     uint64_t taken;           /* deferred recipients made ready by queue_due_take() */
     uint64_t corrupt;         /* records skipped because they fail their checks */
-    uint64_t removed;         /* messages removed with their last recipient */
+    uint64_t removed;         /* messages finished with their last recipient */
+    uint64_t swept;           /* of them, those whose record and body a sweep removed */
     uint64_t batch_max;       /* most requests in one commit */
     uint64_t commit_us_total; /* time in commits, to average */
     uint64_t commit_us_max;

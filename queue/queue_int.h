@@ -9,14 +9,16 @@
  *                   drain, the _wait wrappers, ids, LMDB codes to ours;
  *   queue/commit.c  the committer thread (a batch in one write
  *                   transaction, admission against the map and the disk,
- *                   the disk reserve, group commit and durability) and
- *                   the notifier thread;
+ *                   the disk reserve, group commit and durability, when
+ *                   to sweep) and the notifier thread;
  *   queue/apply.c   what a write transaction writes: an enqueue, an
  *                   outcome (unless stale), event lines and their trim,
  *                   the due recipients taken, the finished messages
- *                   removed, a message dropped whole;
+ *                   handed to the sweep and the sweep, a message dropped
+ *                   whole;
  *   queue/open.c    opening a spool (lock, environment, schema, the id
- *                   and event numbers, the threads) and closing it;
+ *                   and event numbers, the sweep a crash left, the
+ *                   threads) and closing it;
  *   queue/read.c    every read of the spool (envelopes, bodies, walks,
  *                   the due index, counts, check, event records, stats,
  *                   the map trim) and the record readers the committer
@@ -65,7 +67,9 @@
  *         fragmented free list rarely has, so the file would grow instead.
  *   rcpt  id + index (2 bytes BE) -> struct rcpt_head, then address,
  *         lowercased domain, ORCPT, last reply text. Delivered and bounced
- *         recipients are deleted; the message goes with its last one. The
+ *         recipients are deleted; their message's record and body go at
+ *         the next sweep of "gone" (a record with no recipient left is a
+ *         finished message to every reader). The
  *         head's tag (the caller's kind of a deferral, queue_outcome) sits
  *         in what earlier versions wrote as a zero reserved word: their
  *         records read as untagged, and they ignore it.
@@ -80,6 +84,23 @@
  *         module has them in its journal; meta "ev_next" keeps the next
  *         number across a trim that emptied it. Created when missing (an
  *         older sluice leaves it alone: no schema change).
+ *   gone  seq (8 BE) -> message ids (8 bytes each, native): the messages
+ *         whose last recipient a commit deleted, their records and
+ *         bodies left for the sweep (apply_sweep), which deletes them
+ *         in key order and empties this table in a commit of its own
+ *         (commit.c, gone_sweep: before a batch or when idle, once
+ *         GONE_SWEEP_N wait or the first has waited [queue] sweep_ms;
+ *         when an enqueue finds the spool short of room; at close; and
+ *         at open, in the opening transaction). Short of room for all
+ *         of them, a sweep takes the first half (down to one), and the
+ *         table is left naming the rest. A
+ *         commit's removals are then one record at the table's end
+ *         instead of a leaf of "msg" and a free overflow page for each
+ *         message: deliveries out of arrival order (many domains) made
+ *         those fall on pages of their own (bench/README.md, "A
+ *         message's record removed by a sweep"). Created when missing;
+ *         an older sluice ignores it and keeps the records it names
+ *         (their recipients are gone, so they are never delivered again).
  *
  * Records are native-endian (LMDB files are not portable across
  * architectures anyway) and carry lengths that readers check before use.
@@ -328,6 +349,21 @@ struct take_rec {
  * corrupt records; the caller returns QUEUE_ECORRUPT. */
 void queue_fault_note(struct queue *q, const char *db, const struct fault_guard *g);
 
+/* Whether message id has a recipient left in txn (*has); one without is
+ * finished, its record waiting for the sweep ("gone"). 0 or an LMDB code. */
+int queue_msg_has_rcpt(struct queue *q, MDB_txn *txn, uint64_t id, bool *has);
+/* The message ids txn's "gone" names: how many in *n and, when ids is not
+ * NULL, sorted in *ids (the caller frees it). Records of the wrong size
+ * are noted as corrupt and skipped. 0 or an LMDB code (ENOMEM). */
+int queue_gone_ids(struct queue *q, MDB_txn *txn, uint64_t **ids, size_t *n);
+
+static inline int
+queue_cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 struct owner_buf {
     uint64_t id; /* whose: 0 before the first read */
     uint8_t tenant_len, campaign_len, pool_len, priority;
@@ -337,7 +373,7 @@ struct owner_buf {
 
 struct queue_counters {
     _Atomic uint64_t commits, commit_failures, enqueued, enqueued_rcpts, enqueued_bytes,
-        enqueue_refused, outcomes, outcomes_stale, removed, taken, corrupt, batch_max,
+        enqueue_refused, outcomes, outcomes_stale, removed, swept, taken, corrupt, batch_max,
         commit_us_total, commit_us_max, backlog, map_size, map_used, event_lines, events_kept,
         notes_kept, unconfirmed_removed, sync_failing_refused;
 };
@@ -345,6 +381,9 @@ struct queue_counters {
 /* Keys of records found corrupt, so that each is counted and logged once
  * however often a scan meets it (the due poll meets it every second). */
 #define CORRUPT_KEEP 1024
+/* A sweep of "gone" (apply_sweep) once this many finished messages wait,
+ * or the first has waited [queue] sweep_ms. */
+#define GONE_SWEEP_N 4096
 struct corrupt_seen {
     pthread_mutex_t mu;
     unsigned n;                                  /* guarded by mu */
@@ -354,12 +393,13 @@ struct corrupt_seen {
 struct queue {
     struct queue_config cfg; /* owned copy */
     MDB_env *env;            /* owned */
-    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events, dbi_notes;
+    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events, dbi_notes, dbi_gone;
     int lock_fd;
     bool read_only;          /* queue_open_readonly: no committer, nothing written */
     MDB_cursor *open_cur; /* open_spool: the cursor of its reads while open, for a fault */
     bool has_events;         /* the events database exists (read-only: it may not) */
     bool has_notes;          /* the notes database exists (read-only: it may not) */
+    bool has_gone;           /* the gone database exists (read-only: it may not) */
     size_t psize;
     void *map_addr;          /* the map's address (queue_map_trim) */
     size_t map_pages;
@@ -395,6 +435,13 @@ struct queue {
     struct queue_req **vec_upd, **vec_enq; /* owned, max_batch each */
     uint64_t *touched;                     /* owned: ids whose recipients changed */
     size_t touched_n, touched_cap;
+    uint64_t *gone; /* owned: finished message ids the sweep removes */
+    size_t gone_n, gone_cap;
+    uint64_t gone_seq;        /* key of the next record of "gone" */
+    uint64_t gone_since_us;   /* monotonic: when gone[0] was committed or swept (0: open) */
+    uint64_t gone_retry_us;   /* monotonic: no sweep before (after a failed one) */
+    unsigned gone_backoff_ms; /* the wait after the last failed sweep */
+    bool gone_failing;        /* the last sweep failed (logged once an episode) */
     size_t last_pgno;
     int data_fd;             /* borrowed from LMDB: data.mdb */
     bool prealloc;           /* queue_disk_reserve() is in use */
@@ -498,6 +545,7 @@ void queue_rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_
 /* Counts of one write transaction, folded into the stats after commit. */
 struct tally {
     uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, taken, fixed, max_id;
+    uint64_t finished; /* messages whose last recipient went (removed: records deleted) */
     uint64_t ev_records, ev_lines, ev_trimmed; /* event records written, their lines, deleted */
 };
 
@@ -527,8 +575,16 @@ int apply_notes(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64
 int apply_notes_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r,
                      unsigned *trimmed);
 int apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t);
-/* The message and body of every touched id left without recipients. */
+/* Every touched id left without recipients to q->gone, for the sweep. */
 int apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t);
+/* The ids of q->gone from mark on as the record q->gone_seq of "gone"
+ * (the caller counts it once txn commits). */
+int apply_gone_log(struct queue *q, MDB_txn *txn, size_t mark);
+/* The sweep: the message and body of ids[0..n) deleted (sorted: in key
+ * order), and "gone" left naming ids[n..nall) alone, as its record
+ * q->gone_seq when there are any (the caller counts it). */
+int apply_sweep(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t nall,
+                struct tally *t);
 /* Message id with its body, recipients and their time index entries,
  * whatever their state; nothing when it is not stored. */
 int apply_drop(struct queue *q, MDB_txn *txn, const struct drop_ent *d, struct tally *t);

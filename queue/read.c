@@ -4,7 +4,9 @@
  * counts per domain, the consistency check, event records and the stats;
  * the map trim; and what the committer shares with the readers: the
  * owner of a message, a recipient record decoded, and the note of a
- * corrupt record.
+ * corrupt record. A message record with no recipient left is a finished
+ * one waiting for the sweep: envelope and body reads say it is not
+ * stored, and counts and the check leave out the ids "gone" names.
  *
  * Threading: any thread, concurrently. A reader takes a read transaction
  * of its own (MDB_NOTLS) and ends it before returning; a long scan
@@ -20,6 +22,7 @@
 #include "queue/queue_int.h"
 
 #define SCAN_CHUNK      4096 /* records per read transaction in long scans */
+#define LMDB_PAGE_HDR   16   /* the header of an LMDB page (PAGEHDRSZ), an overflow page's too */
 
 /* ---- reads ---- */
 
@@ -261,6 +264,72 @@ queue_rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *
 }
 
 int
+queue_msg_has_rcpt(struct queue *q, MDB_txn *txn, uint64_t id, bool *has)
+{
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
+    if (rc != 0)
+        return rc;
+    unsigned char key[RCPT_KEY_LEN];
+    rcpt_key(key, id, 0);
+    MDB_val k = {RCPT_KEY_LEN, key}, v;
+    rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+    mdb_cursor_close(c);
+    *has = rc == 0 && k.mv_size == RCPT_KEY_LEN && key_u64(k.mv_data) == id;
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+int
+queue_gone_ids(struct queue *q, MDB_txn *txn, uint64_t **ids, size_t *n)
+{
+    *n = 0;
+    if (ids != NULL)
+        *ids = NULL;
+    if (!q->has_gone)
+        return 0;
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_gone, &c);
+    if (rc != 0)
+        return rc;
+    MDB_val k, v;
+    size_t cap = 0;
+    while ((rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) == 0) {
+        if (k.mv_size != 8 || v.mv_size % sizeof(uint64_t) != 0) {
+            queue_corrupt_note(q, "gone", k.mv_data, k.mv_size);
+            continue;
+        }
+        size_t m = v.mv_size / sizeof(uint64_t);
+        if (ids != NULL && *n + m > cap) {
+            size_t ncap = cap ? cap : 1024;
+            while (ncap < *n + m)
+                ncap *= 2;
+            uint64_t *g = realloc(*ids, ncap * sizeof(*g));
+            if (g == NULL) {
+                rc = ENOMEM;
+                break;
+            }
+            *ids = g;
+            cap = ncap;
+        }
+        if (ids != NULL)
+            memcpy(*ids + *n, v.mv_data, m * sizeof(uint64_t));
+        *n += m;
+    }
+    mdb_cursor_close(c);
+    if (rc != MDB_NOTFOUND) {
+        if (ids != NULL) {
+            free(*ids);
+            *ids = NULL;
+        }
+        *n = 0;
+        return rc;
+    }
+    if (ids != NULL && *n > 1)
+        qsort(*ids, *n, sizeof(**ids), queue_cmp_u64);
+    return 0;
+}
+
+int
 queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
 {
     *out = NULL;
@@ -342,6 +411,10 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
         }
         if (rc == MDB_NOTFOUND || rc == 0)
             rc = 0;
+        /* None left: a finished message whose record waits for the sweep
+         * (queue_int.h, "gone"). */
+        if (rc == 0 && pass == 0 && n == 0)
+            rc = MDB_NOTFOUND;
     }
     if (c != NULL)
         mdb_cursor_close(c);
@@ -392,6 +465,9 @@ queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t ca
     rc = mdb_get(txn, q->dbi_msg, &k, &v);
     if (rc == 0 && !msg_decode(&v, &h))
         rc = MDB_CORRUPTED;
+    bool has = true;
+    if (rc == 0 && (rc = queue_msg_has_rcpt(q, txn, id, &has)) == 0 && !has)
+        rc = MDB_NOTFOUND; /* finished, its record waiting for the sweep */
     if (rc == 0 && off < h.body_len) {
         uint64_t want = h.body_len - off < cap ? h.body_len - off : cap;
         unsigned char *dst = buf;
@@ -692,6 +768,32 @@ cmp_slot(const void *a, const void *b)
     return strcmp(x->name, y->name);
 }
 
+/* The pages of their own that the records and bodies of the n finished
+ * messages ids hold until their sweep (a record too large for a leaf
+ * and each body chunk take whole pages; a small record's share of a
+ * leaf is not counted): what queue_counts leaves out of its bytes. */
+static uint64_t
+finished_pages(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t psize)
+{
+    uint64_t pages = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char key[MSG_KEY_LEN];
+        msg_key(key, ids[i]);
+        MDB_val k = {MSG_KEY_LEN, key}, v;
+        struct msg_head h;
+        if (mdb_get(txn, q->dbi_msg, &k, &v) != 0 || !msg_decode(&v, &h))
+            continue;
+        if (v.mv_size >= psize / 2)
+            pages += (v.mv_size + LMDB_PAGE_HDR + psize - 1) / psize;
+        for (uint64_t left = h.body_chunks > 0 ? h.body_len : 0; left > 0;) {
+            uint64_t chunk = left < BODY_CHUNK ? left : BODY_CHUNK;
+            pages += (chunk + LMDB_PAGE_HDR + psize - 1) / psize;
+            left -= chunk;
+        }
+    }
+    return pages;
+}
+
 int
 queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, void *arg)
 {
@@ -700,9 +802,14 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
     if (rc != 0)
         return queue_lmdb_err(rc);
     MDB_stat sm, sr, sd, sb;
+    uint64_t *finished = NULL;
+    size_t nfinished = 0;
+    uint64_t finished_bytes = 0;
     if ((rc = mdb_stat(txn, q->dbi_msg, &sm)) == 0 && (rc = mdb_stat(txn, q->dbi_rcpt, &sr)) == 0 &&
-        (rc = mdb_stat(txn, q->dbi_due, &sd)) == 0)
-        rc = mdb_stat(txn, q->dbi_body, &sb);
+        (rc = mdb_stat(txn, q->dbi_due, &sd)) == 0 && (rc = mdb_stat(txn, q->dbi_body, &sb)) == 0 &&
+        (rc = queue_gone_ids(q, txn, &finished, &nfinished)) == 0)
+        finished_bytes = finished_pages(q, txn, finished, nfinished, sm.ms_psize) * sm.ms_psize;
+    free(finished);
     mdb_txn_abort(txn);
     if (rc != 0)
         return queue_lmdb_err(rc);
@@ -712,7 +819,8 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
         total->bytes +=
             (uint64_t)(st[i]->ms_branch_pages + st[i]->ms_leaf_pages + st[i]->ms_overflow_pages) *
             st[i]->ms_psize;
-    total->messages = sm.ms_entries;
+    total->bytes = total->bytes > finished_bytes ? total->bytes - finished_bytes : 0;
+    total->messages = sm.ms_entries > nfinished ? sm.ms_entries - nfinished : 0;
     total->deferred = sd.ms_entries;
     total->ready = sr.ms_entries > sd.ms_entries ? sr.ms_entries - sd.ms_entries : 0;
     if (cb == NULL)
@@ -798,12 +906,35 @@ queue_check(struct queue *q, struct queue_check_report *rep)
     MDB_cursor *c = NULL;
     MDB_val k, v;
     unsigned char key[DUE_KEY_LEN];
+    uint64_t *finished = NULL;
+    size_t nfinished = 0;
 
-    /* messages: decode, at least one recipient, chunks complete */
+    /* finished messages waiting for the sweep: none may have a recipient
+     * (the sweep would remove its record from under it) */
+    if ((rc = queue_gone_ids(q, txn, &finished, &nfinished)) != 0)
+        goto out;
+    for (size_t i = 0; i < nfinished; i++) {
+        bool has;
+        if ((rc = queue_msg_has_rcpt(q, txn, finished[i], &has)) != 0)
+            goto out;
+        if (has) {
+            msg_key(key, finished[i]);
+            MDB_val fk = {MSG_KEY_LEN, key};
+            check_note(rep, &rep->bad_records, "gone", "finished_with_recipients", &fk);
+        }
+    }
+
+    /* messages: decode, at least one recipient, chunks complete; not
+     * the finished ones */
     if ((rc = mdb_cursor_open(txn, q->dbi_msg, &c)) != 0)
         goto out;
     for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        if (k.mv_size == MSG_KEY_LEN && nfinished > 0) {
+            uint64_t fid = key_u64(k.mv_data);
+            if (bsearch(&fid, finished, nfinished, sizeof(fid), queue_cmp_u64) != NULL)
+                continue;
+        }
         rep->messages++;
         struct msg_head h;
         if (k.mv_size != MSG_KEY_LEN || !msg_decode(&v, &h)) {
@@ -840,6 +971,11 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         goto out;
     for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        if (k.mv_size >= MSG_KEY_LEN && nfinished > 0) {
+            uint64_t fid = key_u64(k.mv_data);
+            if (bsearch(&fid, finished, nfinished, sizeof(fid), queue_cmp_u64) != NULL)
+                continue;
+        }
         rep->body_chunks++;
         MDB_val mv;
         struct msg_head h;
@@ -902,6 +1038,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
     if (rc == MDB_NOTFOUND)
         rc = 0;
 out:
+    free(finished);
     if (c != NULL)
         mdb_cursor_close(c);
     mdb_txn_abort(txn);
@@ -935,6 +1072,7 @@ queue_stats(struct queue *q, struct queue_stats *out)
     LOAD(outcomes);
     LOAD(outcomes_stale);
     LOAD(removed);
+    LOAD(swept);
     LOAD(taken);
     LOAD(corrupt);
     LOAD(batch_max);

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "common/clock.h"
@@ -2337,6 +2338,236 @@ test_deferral_retried_counts_once(void **state)
     queue_port_free(port);
 }
 
+/* ---- the sweep of finished messages (queue_int.h, "gone") ---- */
+
+/* Entries of database db of the closed spool, through LMDB (0 when the
+ * database is missing). */
+static size_t
+raw_entries(struct fixture *f, const char *db)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_stat st = {0};
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 16), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+    if (mdb_dbi_open(txn, db, 0, &dbi) == 0)
+        assert_int_equal(mdb_stat(txn, dbi, &st), 0);
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
+    return st.ms_entries;
+}
+
+static int
+walk_count(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    (void)id;
+    (void)r;
+    (*(unsigned *)arg)++;
+    return 0;
+}
+
+/* A message whose last recipient is done is gone to every reader at once,
+ * while its record and body wait for the sweep (here held off: sweep_ms
+ * a minute); closing sweeps them. */
+static void
+test_finished_gone_before_the_sweep(void **state)
+{
+    struct fixture *f = *state;
+    f->cfg.sweep_ms = 60000;
+    reopen(f);
+    size_t len = 600000; /* chunked: the body table too */
+    char *big = make_body(len, 7);
+    uint64_t a = put_msg(f->q, 1, "example.com", "a", 1);
+    uint64_t b = put_msg(f->q, 2, "example.org", "bb", 2);
+    uint64_t c = put_msg(f->q, 1, "example.net", big, len);
+    struct queue_counts before;
+    assert_int_equal(queue_counts(f->q, &before, NULL, NULL), 0);
+    assert_true(before.bytes > len);
+    outcome(f->q, a, 0, QUEUE_DELIVERED, 0, 250, NULL);
+    outcome(f->q, c, 0, QUEUE_BOUNCED, 0, 550, "no");
+    outcome(f->q, b, 0, QUEUE_DELIVERED, 0, 250, NULL);
+
+    struct queue_envelope *e;
+    char buf[8];
+    size_t n;
+    assert_int_equal(queue_envelope_get(f->q, a, &e), QUEUE_ENOTFOUND);
+    assert_int_equal(queue_envelope_get(f->q, c, &e), QUEUE_ENOTFOUND);
+    assert_int_equal(queue_body_read(f->q, a, 0, buf, 8, &n), QUEUE_ENOTFOUND);
+    assert_int_equal(queue_body_read(f->q, c, 0, buf, 8, &n), QUEUE_ENOTFOUND);
+    assert_int_equal(queue_envelope_get(f->q, b, &e), 0);
+    assert_int_equal(e->nrcpt, 1);
+    assert_int_equal(e->rcpt[0].index, 1);
+    queue_envelope_free(e);
+    assert_body(f->q, b, "bb", 2);
+    struct queue_counts qc;
+    assert_int_equal(queue_counts(f->q, &qc, NULL, NULL), 0);
+    assert_true(qc.messages == 1);
+    assert_true(qc.ready == 1);
+    assert_true(qc.bytes + len <= before.bytes); /* c's body is not counted */
+    unsigned walked = 0;
+    assert_int_equal(queue_walk(f->q, walk_count, &walked), 0);
+    assert_int_equal(walked, 1);
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(f->q, &rep), 0);
+    assert_true(rep.messages == 1 && rep.body_chunks == 0 && rep.empty_messages == 0);
+    /* an outcome for a finished recipient is stale, and so is a delay
+     * warning's mark for a finished message */
+    struct queue_stats st;
+    queue_stats(f->q, &st);
+    assert_true(st.removed == 2);
+    assert_true(st.swept == 0);
+    outcome(f->q, a, 0, QUEUE_BOUNCED, 0, 550, "late");
+    struct queue_outcome w = {c, 0, QUEUE_WARNED, 0, 0, NULL, 0, false, NULL, 0};
+    assert_int_equal(queue_update_wait(f->q, &w, 1), 0);
+    struct queue_stats st2;
+    queue_stats(f->q, &st2);
+    assert_int_equal(st2.outcomes_stale - st.outcomes_stale, 2);
+    assert_true(st2.swept == 0);
+
+    /* the records are there until the sweep; closing makes it */
+    queue_close(f->q);
+    f->q = NULL;
+    assert_int_equal(raw_entries(f, "msg"), 1);
+    assert_int_equal(raw_entries(f, "body"), 0);
+    assert_int_equal(raw_entries(f, "gone"), 0);
+    fixture_open(f);
+    assert_body(f->q, b, "bb", 2);
+    assert_consistent(f->q);
+    free(big);
+}
+
+/* A process that dies before its sweep leaves the finished messages'
+ * records and their ids in "gone": the next open removes them. */
+static void
+test_finished_swept_at_open_after_a_crash(void **state)
+{
+    struct fixture *f = *state;
+    queue_close(f->q);
+    f->q = NULL;
+    f->cfg.sweep_ms = 60000;
+    int pipefd[2];
+    assert_int_equal(pipe(pipefd), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        /* plain checks: a cmocka assert here would run the rest of the
+         * tests in this copy of the process */
+        char err[256];
+        struct queue *q;
+        if (queue_open(&f->cfg, &q, err, sizeof(err)) != 0)
+            _exit(2);
+        uint64_t ids[3];
+        for (int i = 0; i < 3; i++) {
+            struct queue_rcpt r = {.addr = "user@example.com"};
+            struct queue_envelope env = {
+                .id = queue_id_next(q), .sender = "s@example.org", .nrcpt = 1, .rcpt = &r};
+            struct iovec iov = {"x", 1};
+            if (queue_enqueue_wait(q, &env, &iov, 1) != 0)
+                _exit(3);
+            ids[i] = env.id;
+        }
+        for (int i = 0; i < 3; i += 2) {
+            struct queue_outcome o = {ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false, NULL, 0};
+            if (queue_update_wait(q, &o, 1) != 0)
+                _exit(4);
+        }
+        ssize_t wr = write(pipefd[1], &ids[1], sizeof(ids[1]));
+        _exit(wr == sizeof(ids[1]) ? 0 : 5); /* no close: no sweep */
+    }
+    close(pipefd[1]);
+    uint64_t left = 0;
+    assert_int_equal(read(pipefd[0], &left, sizeof(left)), sizeof(left));
+    close(pipefd[0]);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    assert_int_equal(raw_entries(f, "msg"), 3);
+    assert_true(raw_entries(f, "gone") >= 1);
+
+    /* a reader (sluice-spool's open) sweeps nothing and sees one message */
+    char err[256];
+    struct queue *ro;
+    assert_int_equal(queue_open_readonly(&f->cfg, &ro, err, sizeof(err)), 0);
+    struct queue_counts rc;
+    assert_int_equal(queue_counts(ro, &rc, NULL, NULL), 0);
+    assert_true(rc.messages == 1 && rc.ready == 1);
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(ro, &rep), 0);
+    assert_true(rep.messages == 1 && rep.bad_records == 0 && rep.empty_messages == 0);
+    queue_close(ro);
+    assert_int_equal(raw_entries(f, "msg"), 3);
+
+    fixture_open(f);
+    struct queue_counts qc;
+    assert_int_equal(queue_counts(f->q, &qc, NULL, NULL), 0);
+    assert_true(qc.messages == 1);
+    assert_body(f->q, left, "x", 1);
+    assert_consistent(f->q);
+    queue_close(f->q);
+    f->q = NULL;
+    assert_int_equal(raw_entries(f, "msg"), 1);
+    assert_int_equal(raw_entries(f, "gone"), 0);
+    fixture_open(f);
+}
+
+/* An idle committer sweeps once the first finished message has waited
+ * sweep_ms (0 and the default 200). */
+static void
+test_sweep_when_idle(void **state)
+{
+    struct fixture *f = *state;
+    static const unsigned waits[] = {0, 200};
+    for (size_t w = 0; w < sizeof(waits) / sizeof(waits[0]); w++) {
+        f->cfg.sweep_ms = waits[w];
+        reopen(f);
+        uint64_t a = put_msg(f->q, 1, "example.com", "a", 1);
+        outcome(f->q, a, 0, QUEUE_DELIVERED, 0, 250, NULL);
+        struct queue_stats st;
+        for (int i = 0; i < 100; i++) { /* up to 10 s */
+            queue_stats(f->q, &st);
+            if (st.swept == 1)
+                break;
+            usleep(100 * 1000);
+        }
+        assert_true(st.removed == 1 && st.swept == 1);
+    }
+}
+
+/* GONE_SWEEP_N finished messages waiting make a sweep, whatever the time
+ * (sweep_ms a minute here). */
+static void
+test_sweep_when_many_wait(void **state)
+{
+    struct fixture *f = *state;
+    f->cfg.sweep_ms = 60000;
+    f->cfg.unsafe_no_sync = true; /* 4,600 messages one at a time */
+    reopen(f);
+    enum { N = 4600 };
+    uint64_t *ids = calloc(N, sizeof(*ids));
+    for (int i = 0; i < N; i++)
+        ids[i] = put_msg(f->q, 1, "example.com", "m", 1);
+    struct queue_outcome *o = calloc(N, sizeof(*o));
+    for (int i = 0; i < N; i++)
+        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false, NULL, 0};
+    for (int i = 0; i < N; i += 500)
+        assert_int_equal(queue_update_wait(f->q, o + i, N - i < 500 ? N - i : 500), 0);
+    /* the sweep comes before the first batch once GONE_SWEEP_N wait: the
+     * 4,500 finished by the first nine updates, before the tenth */
+    struct queue_stats st;
+    queue_stats(f->q, &st);
+    assert_true(st.removed == N);
+    assert_true(st.swept == 4500);
+    struct queue_counts qc;
+    assert_int_equal(queue_counts(f->q, &qc, NULL, NULL), 0);
+    assert_true(qc.messages == 0 && qc.ready == 0);
+    free(o);
+    free(ids);
+}
+
 int
 main(void)
 {
@@ -2382,6 +2613,10 @@ main(void)
         T(test_update_enqueue_stale_refused),
         T(test_deferral_retried_counts_once),
         T(test_notes_with_outcomes),
+        T(test_finished_gone_before_the_sweep),
+        T(test_finished_swept_at_open_after_a_crash),
+        T(test_sweep_when_idle),
+        T(test_sweep_when_many_wait),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

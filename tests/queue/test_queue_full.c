@@ -134,9 +134,8 @@ assert_readable(struct queue *q, const uint64_t *ids, size_t n)
 }
 
 static void
-test_full_then_room(void **state)
+full_then_room(struct fixture *f)
 {
-    struct fixture *f = *state;
     memset(body, 'x', sizeof(body));
     static uint64_t ids[4096];
     size_t n = fill(f->q, ids, 4096);
@@ -178,6 +177,26 @@ test_full_then_room(void **state)
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.messages == k);
     assert_readable(f->q, ids, k);
+}
+
+static void
+test_full_then_room(void **state)
+{
+    full_then_room(*state);
+}
+
+/* The same with the sweep of finished messages held off (sweep_ms a
+ * minute): their pages come back when an enqueue finds the spool short
+ * of room, and the deliveries commit all along. */
+static void
+test_full_then_room_sweep_held(void **state)
+{
+    struct fixture *f = *state;
+    queue_close(f->q);
+    f->cfg.sweep_ms = 60000;
+    char err[512];
+    assert_int_equal(queue_open(&f->cfg, &f->q, err, sizeof(err)), 0);
+    full_then_room(f);
 }
 
 struct result {
@@ -477,6 +496,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_full_then_room, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_full_then_room_sweep_held, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mixed_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_large, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dsn_through_reserve, setup, teardown),
