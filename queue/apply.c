@@ -8,9 +8,8 @@
  * out of the time index (apply_take), the messages left without
  * recipients handed to the sweep (apply_remove_finished, apply_gone_log)
  * and the sweep that removes their records (apply_sweep), and a message
- * dropped
- * whole (apply_drop: an enqueue reported failed whose commit may have
- * landed). commit.c opens the transaction, calls these, and commits.
+ * dropped whole (apply_drop: an enqueue reported failed whose commit may
+ * have landed). commit.c opens the transaction, calls these, and commits.
  *
  * Threading: the committer thread, inside its write transaction.
  */
@@ -633,25 +632,32 @@ apply_gone_log(struct queue *q, MDB_txn *txn, size_t mark)
     unsigned char key[8];
     msg_key(key, q->gone_seq);
     MDB_val k = {sizeof(key), key}, v = {(q->gone_n - mark) * sizeof(uint64_t), q->gone + mark};
-    return mdb_put(txn, q->dbi_gone, &k, &v, MDB_APPEND);
+    return mdb_put(txn, q->dbi_gone, &k, &v, 0);
 }
 
 int
-apply_sweep(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t nall,
+apply_sweep(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, bool all,
             struct tally *t)
 {
     int rc = 0;
-    for (size_t i = 0; i < n && rc == 0; i++)
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        /* Never from under a recipient: an id "gone" names wrongly (a
+         * bug, a damaged record) keeps its message, said loudly. */
+        bool has;
+        if ((rc = queue_msg_has_rcpt(q, txn, ids[i], &has)) != 0)
+            break;
+        if (has) {
+            char qid[QUEUE_ID_STRLEN + 1];
+            queue_id_str(ids[i], qid);
+            log_msg(LOG_CRIT,
+                    "queue=sweep_skipped id=%s path=%s reason=recipients_left "
+                    "hint=\"sluice-spool check lists it\"",
+                    qid, q->cfg.path);
+            continue;
+        }
         rc = msg_remove(q, txn, ids[i], t);
-    if (rc == 0)
-        rc = mdb_drop(txn, q->dbi_gone, 0);
-    if (rc == 0 && n < nall) {
-        unsigned char key[8];
-        msg_key(key, q->gone_seq);
-        MDB_val k = {sizeof(key), key}, v = {(nall - n) * sizeof(uint64_t), (void *)(ids + n)};
-        rc = mdb_put(txn, q->dbi_gone, &k, &v, 0);
     }
-    return rc;
+    return rc == 0 && all ? mdb_drop(txn, q->dbi_gone, 0) : rc;
 }
 
 /* Delete message d->id whole: its recipients (and the time index entries

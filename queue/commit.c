@@ -292,9 +292,10 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     bool store = clean || (t.removed > 0 && high > q->stored_id);
     if (rc == 0 && store) {
         /* The highest id must outlive the messages that carried it
-         * (opening takes the larger of it and the last live id). And a
-         * commit with no dirty page skips its data sync, on which
-         * flush_pending counts: give it one. */
+         * (opening takes the larger of it and the last live id; the
+         * messages these outcomes finish go later, by sweep_commit,
+         * which stores it then). And a commit with no dirty page skips
+         * its data sync, on which flush_pending counts: give it one. */
         MDB_val k = {7, "last_id"}, v = {sizeof(high), &high};
         rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
     }
@@ -358,8 +359,8 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     return 0;
 }
 
-/* The sweep of ids[0..n) of the sorted q->gone in a commit of its own,
- * "gone" left naming the rest. Returns 0 or an LMDB code. */
+/* The sweep of ids[0..n) of the sorted q->gone in a commit of its own
+ * ("gone" emptied when that is all of them). Returns 0 or an LMDB code. */
 static int
 sweep_commit(struct queue *q, size_t n)
 {
@@ -369,7 +370,7 @@ sweep_commit(struct queue *q, size_t n)
     if (rc != 0)
         return rc;
     struct tally t = {0};
-    rc = apply_sweep(q, txn, q->gone, n, q->gone_n, &t);
+    rc = apply_sweep(q, txn, q->gone, n, n == q->gone_n, &t);
     /* the highest id outlives the messages that carried it */
     bool store = rc == 0 && t.removed > 0 && q->high_id > q->stored_id;
     if (store) {
@@ -390,8 +391,6 @@ sweep_commit(struct queue *q, size_t n)
     q->batch_commits++;
     if (store)
         q->stored_id = q->high_id;
-    if (n < q->gone_n)
-        q->gone_seq++;
     if (t.removed > 0)
         q->since_free = 0;
     counter_add(&q->st.commits, 1);
@@ -879,8 +878,9 @@ run_batch(struct queue *q, struct queue_req *batch)
     }
     if (refused > 0)
         counter_add(&q->st.sync_failing_refused, refused);
-    size_t na = ne > 0 ? admit(q, q->vec_enq, ne, q->gone_n == 0) : 0;
-    if (na < ne && q->gone_n > 0 && clock_mono_us() >= q->gone_retry_us) {
+    bool sweep = q->gone_n > 0 && clock_mono_us() >= q->gone_retry_us;
+    size_t na = ne > 0 ? admit(q, q->vec_enq, ne, !sweep) : 0;
+    if (na < ne && sweep) {
         /* Short of room while finished messages wait for the sweep:
          * their pages first (reusable two commits on: retry_enqueues),
          * then the batch's enqueues admitted again. */

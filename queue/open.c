@@ -177,7 +177,7 @@ open_sweep(struct queue *q, MDB_txn *txn)
     struct tally t = {0};
     rc = mdb_txn_begin(q->env, txn, 0, &sub);
     if (rc == 0) {
-        rc = apply_sweep(q, sub, ids, n, n, &t);
+        rc = apply_sweep(q, sub, ids, n, true, &t);
         if (rc == 0 && t.removed > 0 && q->high_id > q->stored_id) {
             MDB_val lk = {7, "last_id"}, lv = {sizeof(q->high_id), &q->high_id};
             rc = mdb_put(sub, q->dbi_meta, &lk, &lv, 0);

@@ -574,8 +574,9 @@ struct queue_counts {
     uint64_t ready;    /* recipients */
     uint64_t deferred; /* recipients */
     uint64_t bytes;    /* totals only: the pages the messages take (envelopes, bodies,
-                        * recipients and their due index; finished messages' until
-                        * their sweep), not those LMDB keeps free */
+                        * recipients and their due index; of finished ones waiting for
+                        * their sweep only their share of a leaf), not those LMDB keeps
+                        * free */
     /* Per domain only (zero in the totals): */
     uint64_t oldest_ms; /* queue_id_time_ms() of its oldest recipient, ready or deferred,
                          * a held one (QUEUE_TAG_HELD) left out: it waits for no try */
@@ -638,7 +639,8 @@ struct queue_stats {
     uint64_t outcomes_stale;  /* outcomes for recipients no longer stored */
     uint64_t taken;           /* deferred recipients made ready by queue_due_take() */
     uint64_t corrupt;         /* records skipped because they fail their checks */
-    uint64_t removed;         /* messages finished with their last recipient */
+    uint64_t removed;         /* messages finished with their last recipient, and those
+                               * removed unconfirmed (unconfirmed_removed) */
     uint64_t swept;           /* of them, those whose record and body a sweep removed */
     uint64_t batch_max;       /* most requests in one commit */
     uint64_t commit_us_total; /* time in commits, to average */

@@ -92,8 +92,11 @@
  *         GONE_SWEEP_N wait or the first has waited [queue] sweep_ms;
  *         when an enqueue finds the spool short of room; at close; and
  *         at open, in the opening transaction). Short of room for all
- *         of them, a sweep takes the first half (down to one), and the
- *         table is left naming the rest. A
+ *         of them, a sweep takes the first half (down to one) and leaves
+ *         the table as it is: the next sweep finds those records gone,
+ *         and the readers count only the records still there. An id
+ *         whose message has a recipient left is never swept (logged; the
+ *         check reports it). A
  *         commit's removals are then one record at the table's end
  *         instead of a leaf of "msg" and a free overflow page for each
  *         message: deliveries out of arrival order (many domains) made
@@ -581,9 +584,11 @@ int apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t);
  * (the caller counts it once txn commits). */
 int apply_gone_log(struct queue *q, MDB_txn *txn, size_t mark);
 /* The sweep: the message and body of ids[0..n) deleted (sorted: in key
- * order), and "gone" left naming ids[n..nall) alone, as its record
- * q->gone_seq when there are any (the caller counts it). */
-int apply_sweep(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t nall,
+ * order; one that has a recipient left is kept and logged), and, when
+ * they are all that "gone" names, "gone" emptied. A part leaves "gone"
+ * as it is: the ids it removed are nothing to the next sweep, and the
+ * readers count only the records that are still there. */
+int apply_sweep(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, bool all,
                 struct tally *t);
 /* Message id with its body, recipients and their time index entries,
  * whatever their state; nothing when it is not stored. */

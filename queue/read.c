@@ -768,27 +768,34 @@ cmp_slot(const void *a, const void *b)
     return strcmp(x->name, y->name);
 }
 
-/* The pages of their own that the records and bodies of the n finished
- * messages ids hold until their sweep (a record too large for a leaf
- * and each body chunk take whole pages; a small record's share of a
- * leaf is not counted): what queue_counts leaves out of its bytes. */
+/* Of the n finished messages ids, those whose record is still there
+ * (*left: a part of a sweep leaves the ids it removed in "gone"), and
+ * the pages of their own that their records and bodies hold (a record
+ * too large for a leaf and each body chunk take whole pages; a small
+ * record's share of a leaf is not counted): what queue_counts leaves
+ * out of its messages and bytes. */
 static uint64_t
-finished_pages(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t psize)
+finished_pages(struct queue *q, MDB_txn *txn, const uint64_t *ids, size_t n, size_t psize,
+               size_t *left)
 {
     uint64_t pages = 0;
+    *left = 0;
     for (size_t i = 0; i < n; i++) {
         unsigned char key[MSG_KEY_LEN];
         msg_key(key, ids[i]);
         MDB_val k = {MSG_KEY_LEN, key}, v;
         struct msg_head h;
-        if (mdb_get(txn, q->dbi_msg, &k, &v) != 0 || !msg_decode(&v, &h))
+        if (mdb_get(txn, q->dbi_msg, &k, &v) != 0)
+            continue;
+        (*left)++;
+        if (!msg_decode(&v, &h))
             continue;
         if (v.mv_size >= psize / 2)
             pages += (v.mv_size + LMDB_PAGE_HDR + psize - 1) / psize;
-        for (uint64_t left = h.body_chunks > 0 ? h.body_len : 0; left > 0;) {
-            uint64_t chunk = left < BODY_CHUNK ? left : BODY_CHUNK;
+        for (uint64_t rest = h.body_chunks > 0 ? h.body_len : 0; rest > 0;) {
+            uint64_t chunk = rest < BODY_CHUNK ? rest : BODY_CHUNK;
             pages += (chunk + LMDB_PAGE_HDR + psize - 1) / psize;
-            left -= chunk;
+            rest -= chunk;
         }
     }
     return pages;
@@ -803,12 +810,13 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
         return queue_lmdb_err(rc);
     MDB_stat sm, sr, sd, sb;
     uint64_t *finished = NULL;
-    size_t nfinished = 0;
+    size_t nfinished = 0, left = 0;
     uint64_t finished_bytes = 0;
     if ((rc = mdb_stat(txn, q->dbi_msg, &sm)) == 0 && (rc = mdb_stat(txn, q->dbi_rcpt, &sr)) == 0 &&
         (rc = mdb_stat(txn, q->dbi_due, &sd)) == 0 && (rc = mdb_stat(txn, q->dbi_body, &sb)) == 0 &&
         (rc = queue_gone_ids(q, txn, &finished, &nfinished)) == 0)
-        finished_bytes = finished_pages(q, txn, finished, nfinished, sm.ms_psize) * sm.ms_psize;
+        finished_bytes =
+            finished_pages(q, txn, finished, nfinished, sm.ms_psize, &left) * sm.ms_psize;
     free(finished);
     mdb_txn_abort(txn);
     if (rc != 0)
@@ -820,7 +828,7 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
             (uint64_t)(st[i]->ms_branch_pages + st[i]->ms_leaf_pages + st[i]->ms_overflow_pages) *
             st[i]->ms_psize;
     total->bytes = total->bytes > finished_bytes ? total->bytes - finished_bytes : 0;
-    total->messages = sm.ms_entries > nfinished ? sm.ms_entries - nfinished : 0;
+    total->messages = sm.ms_entries > left ? sm.ms_entries - left : 0;
     total->deferred = sd.ms_entries;
     total->ready = sr.ms_entries > sd.ms_entries ? sr.ms_entries - sd.ms_entries : 0;
     if (cb == NULL)

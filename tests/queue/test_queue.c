@@ -2505,6 +2505,41 @@ test_finished_swept_at_open_after_a_crash(void **state)
     fixture_open(f);
 }
 
+/* An id "gone" names while its message still has a recipient (a damaged
+ * record, a bug) is reported by the check and never swept: the message
+ * stays, and is delivered. */
+static void
+test_sweep_never_removes_a_message_with_recipients(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t id = put_msg(f->q, 1, "example.com", "live", 4);
+    queue_close(f->q);
+    f->q = NULL;
+    unsigned char key[8] = {0, 0, 0, 0, 0, 0, 0, 7};
+    raw_put(f, "gone", key, sizeof(key), &id, sizeof(id));
+
+    char err[256];
+    struct queue *ro;
+    assert_int_equal(queue_open_readonly(&f->cfg, &ro, err, sizeof(err)), 0);
+    struct queue_check_report rep;
+    assert_int_not_equal(queue_check(ro, &rep), 0);
+    assert_true(rep.bad_records == 1);
+    queue_close(ro);
+
+    fixture_open(f); /* its sweep skips the id */
+    assert_body(f->q, id, "live", 4);
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_int_equal(e->nrcpt, 1);
+    queue_envelope_free(e);
+    assert_consistent(f->q);
+    queue_close(f->q);
+    f->q = NULL;
+    assert_int_equal(raw_entries(f, "gone"), 0);
+    assert_int_equal(raw_entries(f, "msg"), 1);
+    fixture_open(f);
+}
+
 /* An idle committer sweeps once the first finished message has waited
  * sweep_ms (0 and the default 200). */
 static void
@@ -2607,6 +2642,7 @@ main(void)
         T(test_finished_gone_before_the_sweep),
         T(test_finished_swept_at_open_after_a_crash),
         T(test_sweep_when_idle),
+        T(test_sweep_never_removes_a_message_with_recipients),
         T(test_sweep_when_many_wait),
     };
 #undef T
