@@ -385,9 +385,12 @@ dest_tenant_weight(void *ctx, uint32_t tenant)
 void
 dest_push(struct dest *t, struct job *j, bool front)
 {
+    bool idle = !front && fairq_empty(&t->q);
     if (!front)
         j->queued_ns = t->d->w->now;
     if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0) {
+        if (idle)
+            site_turn_join(t); /* no turns saved up while it had none to take */
         t->queued_rcpts += j->n;
         if (j->nrefused != 0)
             t->refused_queued++; /* a host refused it: passed over there (detour_pass) */

@@ -95,14 +95,16 @@
 #define STS_WAIT_MIN_MS 2   /* ... at most this often (after half the time it has run) */
 #define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
 #define CONN_FROM_ASCII_CAP 256  /* a domain name (255) and its NUL */
-/* Turns among the domains of a site (sched_conn_next): a connection whose
- * domain holds one connection more than a waiting domain of its site gives
- * it a turn once that one has waited this long, or sooner when that one's
- * next mail is older (not with [redis]); one more than that, at once. A
- * domain given an owed turn for newer mail is held this long. Those looked
- * at per transaction, oldest first (site_share.c conn_give_turn). */
-#define SITE_TURN_MS   100
-#define SITE_TURN_LOOK 32
+/* Turns among the domains of a site (sched_conn_next, site_share.c
+ * conn_give_turn). With [redis], how long a domain holding one
+ * connection fewer than the carrying one waits before it is owed a turn;
+ * the most turns a domain counts behind its site's clock when its next
+ * transaction starts (site_turn_taken); the domains at the front of the
+ * line looked at per transaction, and the most a domain going back in
+ * line walks past from either end (want_place). */
+#define SITE_TURN_MS     100
+#define SITE_TURN_CREDIT 4
+#define SITE_TURN_LOOK   32
 /* An idle connection whose [mx] or [source] slot another site waits for
  * (not owed it: key_slot_owed) keeps it this long for its own site's next
  * message, then gives it (sched_conn_next). */
@@ -393,10 +395,11 @@ struct dest {
     const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
     const struct dns_mx_result *affinity_for; /* compared only: the answer dest_affinity saw */
     struct lru_node want;    /* on site->want: waits for a connection */
-    uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_owed) */
-    uint64_t owed_turn_ns;   /* monotonic ns a connection came to it by a turn it was
-                              * owed (site_turn_owed) for mail newer than the giver's:
-                              * held a while (conn_give_turn); 0: none yet */
+    uint64_t want_since;     /* monotonic ns it joined site->want (with [redis]: a turn
+                              * is owed after SITE_TURN_MS, conn_give_turn) */
+    uint64_t turn_tag;       /* its site's turns it has had (site_share.c
+                              * site_turn_taken, site_turn_join): its place in the
+                              * site's line and its claim to a turn */
     struct lru_node addr_want; /* on d->addr_wait: an MX address's slots were taken */
     uint64_t addr_want_h;    /* ... which: a hash of its owner and address (addr_taken) */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
@@ -906,8 +909,14 @@ int dest_tls_key(const struct dest *t, const char *mx);
 /* Does t's answer name c's MX host (or roll it up)? Not after a refresh
  * moved t to other hosts. */
 bool dest_names_mx(const struct dest *t, const struct conn *c);
-/* t waits for a connection of its site, in arrival order. */
+/* t waits for a connection of its site, in its line by turn tag, then
+ * the age of its next mail. */
 void want_push(struct dest *t);
+/* A transaction of t starts: one more of its site's turns. */
+void site_turn_taken(struct dest *t);
+/* t had nothing queued and has mail again, or joined its site: its turn
+ * tag catches up with the site's clock. */
+void site_turn_join(struct dest *t);
 /* t leaves its site's list of destinations waiting for a connection. */
 void dest_want_remove(struct dest *t);
 /* Hand connection c to t, a domain of its site: false when c may not

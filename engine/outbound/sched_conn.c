@@ -18,12 +18,14 @@
  * do all four when the job does not go after all (parked, shaped, or its
  * source's warm-up allowance spent). A
  * domain with mail left gives the connection to a domain of the site
- * waiting behind it when it holds more
- * of the site's connections (site_share.c conn_give_turn: at once when
- * two more, after SITE_TURN_MS when one more), so one domain's backlog
- * does not keep the site's connections from the others, or sooner to
- * one whose next mail is older (not with [redis]), so the site's mail
- * goes nearer the order it came in. A job that an MX
+ * waiting in line when it holds more of the site's connections and that
+ * one has had fewer of the site's turns, or as many with older mail
+ * (site_share.c conn_give_turn; at once to one holding two fewer, and
+ * with [redis] after SITE_TURN_MS to one holding one fewer), so one
+ * domain's backlog does not keep the site's connections from the
+ * others, and the site's mail goes in the order it came in where it
+ * came in turn across its domains. A job taken counts a turn of its
+ * domain's (site_turn_taken). A job that an MX
  * host refused for a lack of its own (policy_host) is passed over by the
  * connections to that host and carried by one opened to another
  * (detour_pass, detour_take). When a
@@ -659,6 +661,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns &&
             !dest_rate_bound(t))
             site_window_on_backlog(&c->site->win);
+        site_turn_taken(t);
         *what = SCHED_NEXT_JOB;
         return j;
     }

@@ -201,7 +201,9 @@ struct site {
                               * max_connections of its domains; 0: none seen */
     struct site_window win;
     struct conn *idle;       /* borrowed: idle connections of the site, any domain */
-    struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */
+    struct lru want;         /* domains (struct dest) waiting for a connection, fewest
+                              * turns first (site_share.c want_push) */
+    uint64_t turn_clock;     /* the most turns any of its domains has had (dest.turn_tag) */
     uint64_t opened, failures, shrinks; /* since it was made */
     struct site_down down[SITE_DOWN_MAX]; /* addresses that refused a connect lately */
     uint64_t hold_until;     /* monotonic ns: no new connection of the site before: its

@@ -6,15 +6,15 @@
  * standing for the hosts it matches); which of a site's connections may
  * carry a domain's mail (conn_may_carry: the TLS the connection was
  * opened under, an MX host the domain's MTA-STS policy and answer name);
- * the line of the site's domains waiting for a connection (want_push, in
- * arrival order; want_push_by_age, one that gave a turn, nearer the front
- * when its mail is older); a connection moving to another domain of its site
+ * the line of the site's domains waiting for a connection (want_push: in
+ * the order of their turn tags, then of the age of their next mail); a
+ * connection moving to another domain of its site
  * (conn_move: the domain's connection lease moves with it, but no token
  * of its connection rate), taken up by a waiting domain when its own has
- * nothing to send (conn_take_waiting) or given to one it owes a turn
- * after a transaction (conn_give_turn: site_turn_owed's rule shares the
- * connections out evenly, and the rest of the turns follow the age of
- * the mail); and room at the site waking the domains in
+ * nothing to send (conn_take_waiting) or given to one after a
+ * transaction (conn_give_turn: start-time fair queuing over the site's
+ * transactions, site_turn_taken and site_turn_join keeping the tags,
+ * and connections shared out evenly); and room at the site waking the domains in
  * line (site_wake). The scheduler calls these from dest_run
  * (scheduler.c) and sched_conn_next (sched_conn.c).
  *
@@ -71,6 +71,14 @@ dest_of_want(struct lru_node *x)
     return (struct dest *)((char *)x - offsetof(struct dest, want));
 }
 
+/* The message id of t's next job; UINT64_MAX when none. */
+static uint64_t
+dest_next_id(const struct dest *t)
+{
+    const struct job *j = job_of(fairq_peek(&t->q));
+    return j != NULL ? j->id : UINT64_MAX;
+}
+
 void
 dest_want_remove(struct dest *t)
 {
@@ -78,16 +86,97 @@ dest_want_remove(struct dest *t)
         lru_remove(&t->site->want, &t->want);
 }
 
+/* Whether a domain with turn tag atag and next message aid goes before
+ * one with btag and bid in its site's line: fewer of the site's turns
+ * had, then older mail. */
+static bool
+turn_before(uint64_t atag, uint64_t aid, uint64_t btag, uint64_t bid)
+{
+    return atag < btag || (atag == btag && aid < bid);
+}
+
+/* t goes in its site's line in the order of turn_before: by walking back
+ * from the end, past at most SITE_TURN_LOOK domains (the usual place of
+ * one that just had a turn), then forward from the front as far (one
+ * whose mail is older than all but a few); past more both ways, it goes
+ * just ahead of those it walked back past. */
+static void
+want_place(struct dest *t)
+{
+    struct site *s = t->site;
+    uint64_t id = dest_next_id(t);
+    struct lru_node *x = s->want.newest;
+    unsigned looked = 0;
+    for (; x != NULL && looked < SITE_TURN_LOOK; looked++, x = x->prev) {
+        struct dest *y = dest_of_want(x);
+        if (!turn_before(t->turn_tag, id, y->turn_tag, dest_next_id(y)))
+            break;
+    }
+    if (x != NULL && looked == SITE_TURN_LOOK) {
+        /* x is the first node not compared: try from the front */
+        struct lru_node *f = s->want.oldest;
+        for (unsigned ahead = 0; f != NULL && f != x && ahead < SITE_TURN_LOOK;
+             ahead++, f = f->next) {
+            struct dest *y = dest_of_want(f);
+            if (turn_before(t->turn_tag, id, y->turn_tag, dest_next_id(y))) {
+                lru_insert_before(&s->want, &t->want, f);
+                return;
+            }
+        }
+    }
+    if (x == NULL)
+        lru_age(&s->want, &t->want);
+    else if (x->next == NULL)
+        lru_touch(&s->want, &t->want);
+    else
+        lru_insert_before(&s->want, &t->want, x->next);
+}
+
 /* t waits for a connection of its site: a slot when one closes or the
- * window grows, or an idle one of another domain. In arrival order: a
- * domain already waiting keeps its place. */
+ * window grows, or an idle one of another domain (want_place). A domain
+ * already waiting keeps its place. */
 void
 want_push(struct dest *t)
 {
-    if (t->site != NULL && !t->want.on) {
-        t->want_since = t->d->w->now;
-        lru_touch(&t->site->want, &t->want);
+    if (t->site == NULL || t->want.on)
+        return;
+    t->want_since = t->d->w->now;
+    want_place(t);
+}
+
+/* A transaction of t starts: t has had one more of its site's turns, and
+ * the site's clock is the most any of its domains has had. One that fell
+ * further than SITE_TURN_CREDIT behind the clock (its rate, a hold, or
+ * connections that could not carry it kept it waiting in line) counts
+ * from there: what it missed is not made up in a run of turns that would
+ * keep the others waiting as long. */
+void
+site_turn_taken(struct dest *t)
+{
+    struct site *s = t->site;
+    if (s != NULL && t->turn_tag + SITE_TURN_CREDIT < s->turn_clock)
+        t->turn_tag = s->turn_clock - SITE_TURN_CREDIT;
+    t->turn_tag++;
+    if (s == NULL)
+        return;
+    if (s->turn_clock < t->turn_tag)
+        s->turn_clock = t->turn_tag;
+    if (t->want.on) {
+        /* (in line for more connections while it carries: its place
+         * follows its tag and next mail, its time in line stays) */
+        lru_remove(&s->want, &t->want);
+        want_place(t);
     }
+}
+
+/* t, which had nothing queued, has mail again (or joined its site): it
+ * starts at its site's clock, with no turns saved up while it had none
+ * to take. */
+void
+site_turn_join(struct dest *t)
+{
+    if (t->site != NULL && t->turn_tag < t->site->turn_clock)
+        t->turn_tag = t->site->turn_clock;
 }
 
 static struct dest *
@@ -139,6 +228,7 @@ dest_site(struct dest *t)
         dest_want_remove(t);
         site_unref(&d->sites, t->site);
         t->site = s;
+        t->turn_tag = s->turn_clock; /* turns of another site count for nothing here */
     }
     /* the highest max_connections of the site's domains */
     if (s->win.ceiling < t->pol->max_connections)
@@ -268,82 +358,40 @@ conn_take_waiting(struct conn *c)
     return NULL;
 }
 
-/* Whether t, whose connection c just finished a transaction and which has
- * more to send, owes w (waiting for a connection of the site) a turn at
- * once: w holds at least two connections fewer than t, or one fewer and
- * has waited SITE_TURN_MS. Connections are shared out evenly among the
- * domains that have mail (max-min), and where there are fewer than
- * domains (a per-address cap of 1, a small window) they take turns. */
-static bool
-site_turn_owed(const struct dest *t, const struct dest *w, uint64_t now)
-{
-    return w != t && w->conns + 1 <= t->conns &&
-           (w->conns + 1 < t->conns || now - w->want_since >= MS_TO_NS(SITE_TURN_MS));
-}
-
-/* The message id of t's next job; UINT64_MAX when none. */
-static uint64_t
-dest_next_id(const struct dest *t)
-{
-    const struct job *j = job_of(fairq_peek(&t->q));
-    return j != NULL ? j->id : UINT64_MAX;
-}
-
-/* t, which just gave its connection a turn and has more to send, waits
- * in line again: before the first of the oldest SITE_TURN_LOOK waiting
- * domains whose next mail is newer than t's, where conn_give_turn looks
- * for the oldest mail, else at the end. Put before one, t takes over
- * that one's time in line: the line stays in the order of waiting, so
- * when its first has waited SITE_TURN_MS (owed a turn, as may be those
- * after it) t goes to the end, and no domain ever goes ahead of one
- * owed a turn. */
-static void
-want_push_by_age(struct dest *t)
-{
-    struct site *s = t->site;
-    if (s == NULL || t->want.on)
-        return;
-    uint64_t id = dest_next_id(t);
-    unsigned looked = 0;
-    for (struct lru_node *x = s->want.oldest; x != NULL && looked++ < SITE_TURN_LOOK;
-         x = x->next) {
-        struct dest *y = dest_of_want(x);
-        if (t->d->w->now - y->want_since >= MS_TO_NS(SITE_TURN_MS))
-            break;
-        if (dest_next_id(y) > id) {
-            t->want_since = y->want_since;
-            lru_insert_before(&s->want, &t->want, x);
-            return;
-        }
-    }
-    want_push(t);
-}
-
 /* Fair turns inside a site (MX rollup): a backlog of one domain must not
  * keep the site's connections while another domain of the site waits
  * behind it (a newsletter to one big mailbox provider's domain ahead of
- * a password reset to a small domain it hosts: before, the reset waited
- * for the whole newsletter when the site was at its window or its
- * address cap). After each transaction, c's domain t gives c to the
- * first of the oldest SITE_TURN_LOOK waiting domains it owes a turn
- * (site_turn_owed); else to the one among them holding fewer
- * connections than t whose next mail is the oldest, if older than t's
- * (and its rate, hold or suspension does not keep it from sending now);
- * and t waits in line (want_push_by_age). Returns that domain, c moved
- * to it, or NULL (c stays with t).
+ * a password reset to a small domain it hosts: before 2026-12-04, the
+ * reset waited for the whole newsletter when the site was at its window
+ * or its address cap). The rule is start-time fair queuing (Goyal, Vin
+ * and Cheng, 1996) over transactions: each domain of a site has a turn
+ * tag, the site's turns it has had (site_turn_taken: one a transaction),
+ * and one that had nothing queued starts at the site's clock, the most
+ * any of them has had (site_turn_join). After each transaction, c's
+ * domain t gives c to the first of the SITE_TURN_LOOK domains at the
+ * front of the line that holds two of the site's connections fewer than
+ * t; else to the one among them holding fewer connections than t that
+ * goes first by turn_before (fewer turns, then older mail), if it goes
+ * before t and its rate, hold or suspension does not keep it from
+ * sending now. t then waits in line (want_push). Returns that domain, c
+ * moved to it, or NULL (c stays with t).
  *
- * The turns by age keep a site's deliveries near the order its mail came
- * in across its domains, as one domain's are: the spool's keys are in
- * that order, so a commit's removals fall on few pages (bench/README.md,
- * "A site's turns follow the age of its mail"). A domain given an owed
- * turn for mail newer than t's is held: for SITE_TURN_MS after, none of
- * its connections gives a turn by age, nor an owed one to a domain only
- * one connection short (two short still get theirs). So two backlogs of
- * one connection, the newer behind the older, share it evenly; without
- * the hold the newer one was handed back after each transaction.
- * With [redis] the turns are the owed ones alone, without the hold:
- * there a domain's connection leases are Redis's, and a move each
- * transaction would ask Redis for one each time. */
+ * So two backlogs on one connection take one transaction each in turn; a
+ * small domain's message goes after the carrying domain's next
+ * transaction; and where the site's mail came in turn across its
+ * domains (1,000 domains behind one mailbox provider, a message each in
+ * turn), it goes in the order it came, as one domain's does: the spool's
+ * keys are in that order, so a commit's removals fall on few pages
+ * (bench/README.md, "Turns by tag"). Before, a domain was owed a turn
+ * once it had waited SITE_TURN_MS, and one given such a turn held the
+ * connection for as long: 1,000 domains each waiting more than that
+ * went round in the order they began to wait, a burst each, and the
+ * spool wrote five times the pages a message of one domain.
+ *
+ * With [redis] there are no turns by tag: a domain's connection leases
+ * are Redis's, and a move each transaction would ask Redis for one each
+ * time. There a domain holding one connection fewer than t is owed its
+ * turn once it has waited SITE_TURN_MS, as before. */
 struct dest *
 conn_give_turn(struct conn *c, struct dest *t)
 {
@@ -352,10 +400,9 @@ conn_give_turn(struct conn *c, struct dest *t)
     uint64_t now = d->w->now;
     if (s == NULL || s->want.n == 0 || t->conns < 1)
         return NULL;
-    bool by_age = d->e->cfg->redis.url == NULL;
-    bool held = by_age && t->owed_turn_ns != 0 && now - t->owed_turn_ns < MS_TO_NS(SITE_TURN_MS);
-    uint64_t next = dest_next_id(t), oldest = next;
-    struct dest *oldest_y = NULL, *w = NULL;
+    bool by_tag = d->e->cfg->redis.url == NULL;
+    uint64_t best_tag = t->turn_tag, best_id = dest_next_id(t);
+    struct dest *best = NULL, *w = NULL;
     unsigned looked = 0;
     struct lru_node *x = s->want.oldest;
     while (x != NULL && looked++ < SITE_TURN_LOOK) {
@@ -365,46 +412,40 @@ conn_give_turn(struct conn *c, struct dest *t)
             continue;
         /* One c may not carry (another TLS policy, an MX host its
          * MTA-STS policy does not name, a DANE host) keeps its place. */
-        if (site_turn_owed(t, y, now) && (!held || y->conns + 1 < t->conns)) {
+        if (y->conns + 1 < t->conns ||
+            (!by_tag && now - y->want_since >= MS_TO_NS(SITE_TURN_MS))) {
             if (!conn_may_carry(c, y))
                 continue;
-            bool newer = dest_next_id(y) > next;
             lru_remove(&s->want, &y->want);
             if (conn_take(c, y)) {
-                if (newer)
-                    y->owed_turn_ns = now;
                 w = y;
                 break;
             }
             continue;
         }
-        if (!by_age || held || dest_paused(y) || now < y->hold_until || now < y->rate_until)
+        if (!by_tag || dest_paused(y) || now < y->hold_until || now < y->rate_until)
             continue;
         uint64_t id = dest_next_id(y);
-        if (id < oldest && conn_may_carry(c, y)) {
-            oldest = id;
-            oldest_y = y;
+        if (turn_before(y->turn_tag, id, best_tag, best_id) && conn_may_carry(c, y)) {
+            best_tag = y->turn_tag;
+            best_id = id;
+            best = y;
         }
     }
     const char *why = "owed";
-    if (w == NULL && oldest_y != NULL) {
-        lru_remove(&s->want, &oldest_y->want);
-        if (conn_take(c, oldest_y))
-            w = oldest_y;
-        why = "age";
+    if (w == NULL && best != NULL) {
+        lru_remove(&s->want, &best->want);
+        if (conn_take(c, best))
+            w = best;
+        why = "tag";
     }
     if (w == NULL)
         return NULL;
-    /* Its backlog waits in line again, from now or (by age) from the
-     * time of the domain it goes before: t may have been on the list
-     * since it took a connection (conn_take pushes a domain with more),
-     * and that older time would give c back to it after one transaction
-     * of w's. */
+    /* Its backlog waits in line again, by its tag now: t may have been
+     * on the list since it took a connection (conn_take pushes a domain
+     * with more), in the place its tag had then. */
     dest_want_remove(t);
-    if (by_age)
-        want_push_by_age(t);
-    else
-        want_push(t);
+    want_push(t);
     if (log_enabled(LOG_DEBUG))
         log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s why=%s",
                 (unsigned long long)c->id, s->key, t->name, w->name, why);
