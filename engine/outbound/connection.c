@@ -526,6 +526,7 @@ conn_next(struct conn *c)
         c->rc = rc;
         c->expire_ms = expire;
         t->inflight++;
+        site_turn_taken(t); /* (not for the jobs dropped above: no turn had) */
         break;
     }
     struct queue_envelope *env = c->env;

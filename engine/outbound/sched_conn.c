@@ -24,8 +24,7 @@
  * with [redis] after SITE_TURN_MS to one holding one fewer), so one
  * domain's backlog does not keep the site's connections from the
  * others, and the site's mail goes in the order it came in where it
- * came in turn across its domains. A job taken counts a turn of its
- * domain's (site_turn_taken). A job that an MX
+ * came in turn across its domains. A job that an MX
  * host refused for a lack of its own (policy_host) is passed over by the
  * connections to that host and carried by one opened to another
  * (detour_pass, detour_take). When a
@@ -661,7 +660,6 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns &&
             !dest_rate_bound(t))
             site_window_on_backlog(&c->site->win);
-        site_turn_taken(t);
         *what = SCHED_NEXT_JOB;
         return j;
     }

@@ -14,8 +14,8 @@
  * nothing to send (conn_take_waiting) or given to one after a
  * transaction (conn_give_turn: start-time fair queuing over the site's
  * transactions, site_turn_taken and site_turn_join keeping the tags,
- * and connections shared out evenly); and room at the site waking the domains in
- * line (site_wake). The scheduler calls these from dest_run
+ * and connections shared out evenly); and room at the site waking the
+ * domains in line (site_wake). The scheduler calls these from dest_run
  * (scheduler.c) and sched_conn_next (sched_conn.c).
  *
  * Threading: the worker's thread.
@@ -113,15 +113,16 @@ want_place(struct dest *t)
             break;
     }
     if (x != NULL && looked == SITE_TURN_LOOK) {
-        /* x is the first node not compared: try from the front */
+        /* x is the first node not compared: from the front, up to x */
         struct lru_node *f = s->want.oldest;
-        for (unsigned ahead = 0; f != NULL && f != x && ahead < SITE_TURN_LOOK;
-             ahead++, f = f->next) {
+        for (unsigned ahead = 0; f != NULL && ahead < SITE_TURN_LOOK; ahead++, f = f->next) {
             struct dest *y = dest_of_want(f);
             if (turn_before(t->turn_tag, id, y->turn_tag, dest_next_id(y))) {
                 lru_insert_before(&s->want, &t->want, f);
                 return;
             }
+            if (f == x)
+                break;
         }
     }
     if (x == NULL)
@@ -175,8 +176,15 @@ site_turn_taken(struct dest *t)
 void
 site_turn_join(struct dest *t)
 {
-    if (t->site != NULL && t->turn_tag < t->site->turn_clock)
-        t->turn_tag = t->site->turn_clock;
+    struct site *s = t->site;
+    if (s == NULL || t->turn_tag >= s->turn_clock)
+        return;
+    t->turn_tag = s->turn_clock;
+    if (t->want.on) {
+        /* (in line with nothing queued while it carried: placed anew) */
+        lru_remove(&s->want, &t->want);
+        want_place(t);
+    }
 }
 
 static struct dest *
@@ -372,17 +380,19 @@ conn_take_waiting(struct conn *c)
  * front of the line that holds two of the site's connections fewer than
  * t; else to the one among them holding fewer connections than t that
  * goes first by turn_before (fewer turns, then older mail), if it goes
- * before t and its rate, hold or suspension does not keep it from
- * sending now. t then waits in line (want_push). Returns that domain, c
- * moved to it, or NULL (c stays with t).
+ * before t. One c may not carry keeps its place; one that may not send
+ * now (nothing queued, suspended, held, held by its rate) leaves the
+ * line until mail, its resume, its hold or its rate runs it. t then
+ * waits in line (want_push). Returns that domain, c moved to it, or
+ * NULL (c stays with t).
  *
- * So two backlogs on one connection take one transaction each in turn; a
- * small domain's message goes after the carrying domain's next
- * transaction; and where the site's mail came in turn across its
- * domains (1,000 domains behind one mailbox provider, a message each in
- * turn), it goes in the order it came, as one domain's does: the spool's
- * keys are in that order, so a commit's removals fall on few pages
- * (bench/README.md, "Turns by tag"). Before, a domain was owed a turn
+ * So two backlogs on one connection take one transaction each in turn;
+ * behind one backlog, a small domain's message goes after at most one
+ * more of the backlog's transactions; and where the site's mail came in
+ * turn across its domains (1,000 domains behind one mailbox provider, a
+ * message each in turn), it goes in the order it came, as one domain's
+ * does: the spool's keys are in that order, so a commit's removals fall
+ * on few pages (bench/README.md, "Turns by tag"). Before, a domain was owed a turn
  * once it had waited SITE_TURN_MS, and one given such a turn held the
  * connection for as long: 1,000 domains each waiting more than that
  * went round in the order they began to wait, a burst each, and the
@@ -391,7 +401,8 @@ conn_take_waiting(struct conn *c)
  * With [redis] there are no turns by tag: a domain's connection leases
  * are Redis's, and a move each transaction would ask Redis for one each
  * time. There a domain holding one connection fewer than t is owed its
- * turn once it has waited SITE_TURN_MS, as before. */
+ * turn once it has waited SITE_TURN_MS (the first such of the front of
+ * the line, which is in the order of the tags there too). */
 struct dest *
 conn_give_turn(struct conn *c, struct dest *t)
 {
@@ -401,7 +412,9 @@ conn_give_turn(struct conn *c, struct dest *t)
     if (s == NULL || s->want.n == 0 || t->conns < 1)
         return NULL;
     bool by_tag = d->e->cfg->redis.url == NULL;
-    uint64_t best_tag = t->turn_tag, best_id = dest_next_id(t);
+    /* t counts its turns on another site when a new answer moved it
+     * there (still naming c's host): any domain of c's goes first */
+    uint64_t best_tag = t->site == s ? t->turn_tag : UINT64_MAX, best_id = dest_next_id(t);
     struct dest *best = NULL, *w = NULL;
     unsigned looked = 0;
     struct lru_node *x = s->want.oldest;
@@ -412,8 +425,7 @@ conn_give_turn(struct conn *c, struct dest *t)
             continue;
         /* One c may not carry (another TLS policy, an MX host its
          * MTA-STS policy does not name, a DANE host) keeps its place. */
-        if (y->conns + 1 < t->conns ||
-            (!by_tag && now - y->want_since >= MS_TO_NS(SITE_TURN_MS))) {
+        if (y->conns + 1 < t->conns || (!by_tag && now - y->want_since >= MS_TO_NS(SITE_TURN_MS))) {
             if (!conn_may_carry(c, y))
                 continue;
             lru_remove(&s->want, &y->want);
@@ -423,8 +435,21 @@ conn_give_turn(struct conn *c, struct dest *t)
             }
             continue;
         }
-        if (!by_tag || dest_paused(y) || now < y->hold_until || now < y->rate_until)
+        if (!by_tag)
             continue;
+        if (fairq_empty(&y->q) || dest_paused(y) || now < y->hold_until) {
+            /* Off the line, as conn_take takes it: mail, its resume or
+             * its hold runs it. Left there, its tag (which only its
+             * turns move) would keep it at the front, and a front of
+             * such would keep every domain behind them from a turn. */
+            lru_remove(&s->want, &y->want);
+            continue;
+        }
+        if (now < y->rate_until) {
+            lru_remove(&s->want, &y->want);
+            dest_lim_wait(y, y->rate_until); /* its run puts it back in line */
+            continue;
+        }
         uint64_t id = dest_next_id(y);
         if (turn_before(y->turn_tag, id, best_tag, best_id) && conn_may_carry(c, y)) {
             best_tag = y->turn_tag;

@@ -520,6 +520,7 @@ conn_ready(struct conn *c, enum sched_next *what)
     if (j != NULL) {
         c->job = j;
         c->dest->inflight++;
+        site_turn_taken(c->dest); /* as connection.c's conn_next */
     }
 }
 
@@ -990,7 +991,8 @@ window_holds_while_mail_is_served(void **state)
         submit(dom, 1);
         answer(dom, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
         f->w.now += MS_TO_NS(3);
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
     }
@@ -1044,7 +1046,8 @@ window_ignores_waits_for_rate_tokens(void **state)
         timer_run(&f->w.timers, f->w.now, NULL);
         assert_int_equal(f->resumed, before + 1);
         assert_non_null(c->job);
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     }
     assert_int_equal(allowed("slow.test"), w0);
     assert_true(f->opened <= w0);
@@ -4087,9 +4090,11 @@ mx_refresh_failure_keeps_the_old_answer(void **state)
 
 /* One site whose address takes one connection (max_connections_per_address
  * = 1): big.test's backlog holds it, and small.test's one message comes
- * behind it. small.test gets the connection after big.test's transaction
- * once it has waited SITE_TURN_MS, and big.test gets it back after
- * small.test's (before, small.test waited for big.test's whole queue). */
+ * behind it, starting level with big.test's turns. big.test's next
+ * transaction goes first (its mail is older), then small.test's, however
+ * little time passes, and big.test gets the connection back after it
+ * (before 2026-12-04, small.test waited for big.test's whole queue; until
+ * 2026-12-07, for SITE_TURN_MS). */
 static void
 site_turns_share_one_connection(void **state)
 {
@@ -4113,14 +4118,14 @@ site_turns_share_one_connection(void **state)
     assert_int_equal(f->opened, 1); /* the address is full: small.test waits */
     assert_true(small->want.on);
 
-    /* Before SITE_TURN_MS: big.test keeps its connection. */
-    f->w.now += MS_TO_NS(SITE_TURN_MS / 2);
+    /* big.test's next transaction: as many turns, older mail. */
+    f->w.now += MS_TO_NS(1);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_ptr_equal(c->dest, big);
-    /* small.test has waited SITE_TURN_MS: its turn, and big.test waits in line. */
-    f->w.now += MS_TO_NS(SITE_TURN_MS / 2);
+    /* big.test has had one turn more: small.test's, and big.test waits in line. */
+    f->w.now += MS_TO_NS(1);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
@@ -4181,7 +4186,8 @@ site_turns_follow_the_age_of_the_mail(void **state)
     assert_true(b->want.on);
     for (unsigned i = 1; i <= 7; i++) {
         f->w.now += MS_TO_NS(1); /* far less than SITE_TURN_MS */
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
         assert_int_equal(c->job->id, first + i); /* in the order it came */
@@ -4194,15 +4200,14 @@ site_turns_follow_the_age_of_the_mail(void **state)
     fx_free(f);
 }
 
-/* Six domains of one site, their mail in no order, one connection,
+/* n domains of one site, their mail in no order, one connection,
  * transactions of 10 ms and every seventh of 150. After each, the site's
  * line is in the order of its turn tags, then of the age of each one's
  * next mail (conn_give_turn takes from its front), and every message
  * goes. */
 static void
-site_line_stays_in_the_order_of_turns(void **state)
+line_order_run(unsigned n, unsigned msgs)
 {
-    (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
                           "[domain *]\nmax_connections = 10\n");
     char name[32];
@@ -4213,26 +4218,27 @@ site_line_stays_in_the_order_of_turns(void **state)
     f->w.now += MS_TO_NS(1);
     conn_ready(c, &what);
     uint32_t lcg = 1; /* the domains in a fixed pseudo-random order: runs of one, gaps */
-    for (unsigned i = 1; i < 60; i++) {
+    for (unsigned i = 1; i < msgs; i++) {
         lcg = lcg * 1103515245u + 12345u;
-        snprintf(name, sizeof(name), "d%u.test", i < 6 ? i : (lcg >> 16) % 6);
+        snprintf(name, sizeof(name), "d%u.test", i < n ? i : (lcg >> 16) % n);
         submit(name, 1);
     }
-    for (unsigned i = 1; i < 6; i++) {
+    for (unsigned i = 1; i < n; i++) {
         snprintf(name, sizeof(name), "d%u.test", i);
         answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     }
     struct site *site = dest_get(f->d, "d0.test")->site;
     unsigned sent = 1, turns_seen = 0, longest = 0;
-    for (unsigned step = 0; step < 59; step++) {
+    for (unsigned step = 0; step + 1 < msgs; step++) {
         f->w.now += MS_TO_NS(step % 7 == 6 ? 150 : 10);
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
         sent++;
         uint64_t tag = 0, id = 0;
-        unsigned n = 0;
-        for (struct lru_node *x = site->want.oldest; x != NULL; x = x->next, n++) {
+        unsigned len = 0;
+        for (struct lru_node *x = site->want.oldest; x != NULL; x = x->next, len++) {
             const struct dest *y = (const struct dest *)((char *)x - offsetof(struct dest, want));
             const struct job *j = job_of(fairq_peek(&y->q));
             uint64_t yid = j != NULL ? j->id : UINT64_MAX;
@@ -4240,12 +4246,82 @@ site_line_stays_in_the_order_of_turns(void **state)
             tag = y->turn_tag;
             id = yid;
         }
-        longest = n > longest ? n : longest;
+        longest = len > longest ? len : longest;
         turns_seen = (unsigned)f->d->stats.site_turns;
     }
-    assert_int_equal(sent, 60);
-    assert_true(longest >= 3);
+    assert_int_equal(sent, msgs);
+    assert_true(longest >= n / 2);
     assert_true(turns_seen > 10);
+    fx_free(f);
+}
+
+static void
+site_line_stays_in_the_order_of_turns(void **state)
+{
+    (void)state;
+    line_order_run(6, 60);
+}
+
+/* More domains than a domain going back in line walks past from either
+ * end (SITE_TURN_LOOK): the line stays in order all the same. */
+static void
+site_line_stays_in_order_past_the_look(void **state)
+{
+    (void)state;
+    assert_true(SITE_TURN_LOOK < 40 && 40 < 2 * SITE_TURN_LOOK);
+    line_order_run(40, 400);
+}
+
+/* Forty domains of one site suspended while they wait in line, as many
+ * turns had as small.test and older mail: small.test still gets big.test's
+ * connection after big.test's next transactions. A turn takes a domain
+ * that may not send now (suspended, held, held by its rate) off the
+ * line, as conn_take does: left there, its tag (which only its turns
+ * move) kept it at the front, and a front of such kept every domain
+ * behind them from a turn (the first build of the turns by tag: a review
+ * found small.test waiting for big.test's whole backlog). */
+static void
+site_turn_passes_a_front_of_suspended_domains(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 1\n");
+    for (unsigned i = 0; i < 300; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *big = dest_get(f->d, "big.test");
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    char name[32];
+    for (unsigned i = 0; i < 40; i++) {
+        snprintf(name, sizeof(name), "d%u.test", i);
+        submit(name, 1);
+        answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    }
+    for (unsigned i = 0; i < 40; i++) {
+        snprintf(name, sizeof(name), "d%u.test", i);
+        assert_true(dest_get(f->d, name)->want.on);
+        assert_int_equal(delivery_suspend(f->d, name, true), 0);
+    }
+    submit("small.test", 1);
+    answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *small = dest_get(f->d, "small.test");
+    assert_true(small->want.on);
+    unsigned k = 0;
+    for (; k < 4 && c->dest != small; k++) {
+        assert_ptr_equal(c->dest, big);
+        f->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    assert_ptr_equal(c->dest, small);
+    assert_true(k <= 2);
     fx_free(f);
 }
 
@@ -4288,7 +4364,8 @@ site_many_domains_in_turn_go_in_the_order_they_came(void **state)
         lcg = lcg * 1103515245u + 12345u;
         struct conn *c = f->open[(lcg >> 16) % 4];
         f->w.now += MS_TO_NS(3);
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
         assert_int_equal(c->job->id, ++taken); /* the oldest not yet taken */
@@ -4298,13 +4375,13 @@ site_many_domains_in_turn_go_in_the_order_they_came(void **state)
 }
 
 /* With [redis] a domain's connection leases are Redis's, and a turn by
- * age each transaction would ask it for one each time: the turns are the
- * fair ones alone there, and a.test keeps the connection until b.test
- * has waited SITE_TURN_MS, as before the turns by age. (The url is set
+ * tag each transaction would ask it for one each time: a.test keeps the
+ * connection until b.test, one connection fewer, has waited
+ * SITE_TURN_MS. (The url is set
  * on the loaded config: the limits here stay local, and the scheduler's
  * choice is what is checked.) */
 static void
-site_turns_by_age_are_off_with_redis(void **state)
+site_turns_by_tag_are_off_with_redis(void **state)
 {
     (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
@@ -4333,14 +4410,14 @@ site_turns_by_age_are_off_with_redis(void **state)
     fx_free(f);
 }
 
-/* More waiting domains than a turn looks at (SITE_TURN_LOOK): a.test,
- * which gives the connection to b.test's older message, waits in line
- * again before the domains whose mail is newer than its next, not behind
- * all 40 of them, where its older mail waited for every one. */
+/* More waiting domains (n) than a domain going back in line walks past
+ * from its end (SITE_TURN_LOOK): a.test, which gives the connection to
+ * b.test's older message, waits in line again before the n domains with
+ * as many turns and newer mail (found from the front), not behind them,
+ * where its older mail waited for every one. */
 static void
-site_turn_puts_the_giver_back_by_the_age_of_its_mail(void **state)
+giver_back_run(unsigned n)
 {
-    (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
                           "[domain *]\nmax_connections = 10\n");
     submit("a.test", 1);
@@ -4355,26 +4432,45 @@ site_turn_puts_the_giver_back_by_the_age_of_its_mail(void **state)
     submit("b.test", 1);
     submit("a.test", 1);
     char name[32];
-    for (unsigned i = 0; i < 40; i++) {
+    for (unsigned i = 0; i < n; i++) {
         snprintf(name, sizeof(name), "d%u.test", i);
         submit(name, 1);
     }
     answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    for (unsigned i = 0; i < 40; i++) {
+    for (unsigned i = 0; i < n; i++) {
         snprintf(name, sizeof(name), "d%u.test", i);
         answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     }
-    assert_true(SITE_TURN_LOOK < 40);
     assert_int_equal(f->opened, 1);
-    for (unsigned i = 1; i <= 42; i++) {
+    for (unsigned i = 1; i <= n + 2; i++) {
         f->w.now += MS_TO_NS(1);
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
         assert_int_equal(c->job->id, first + i); /* in the order it came */
     }
     assert_int_equal(f->d->stats.site_turns, 1); /* a.test to b.test; the rest had nothing left */
     fx_free(f);
+}
+
+static void
+site_turn_puts_the_giver_back_by_the_age_of_its_mail(void **state)
+{
+    (void)state;
+    assert_true(SITE_TURN_LOOK < 40);
+    giver_back_run(40);
+}
+
+/* One more than the walk from the end passes: a.test's place is before
+ * the one where that walk stopped, which the walk from the front must
+ * compare (the first build of want_place did not, and put a.test one
+ * place late: d0.test's message went before its older one). */
+static void
+site_turn_puts_the_giver_back_before_where_the_walk_stopped(void **state)
+{
+    (void)state;
+    giver_back_run(SITE_TURN_LOOK + 1);
 }
 
 /* A turn moves the connection to small.test, whose max_connection_rate
@@ -4406,9 +4502,9 @@ site_turn_takes_no_connection_rate_token(void **state)
         struct dest *small = dest_get(f->d, "small.test");
         assert_true(small->want.on); /* the address is full */
         /* its turn, every time: after big.test's transaction on the
-         * wire and at most one more (as many turns as small.test, and
-         * older mail) */
-        for (unsigned k = 0; k < 2 && c->dest != small; k++) {
+         * wire and one more (as many turns as small.test, older mail) */
+        for (unsigned k = 0; k < 2; k++) {
+            assert_ptr_equal(c->dest, big);
             f->w.now += MS_TO_NS(1);
             assert_false(
                 txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
@@ -4416,7 +4512,8 @@ site_turn_takes_no_connection_rate_token(void **state)
             assert_int_equal(what, SCHED_NEXT_JOB);
         }
         assert_ptr_equal(c->dest, small);
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
         assert_ptr_equal(c->dest, big);
@@ -4577,11 +4674,11 @@ rate_refused_domain_does_not_take_the_mx_caps_slot(void **state)
     fx_free(f);
 }
 
-/* Two backlogs at a site of one connection, transactions of 10 ms: the
- * connection goes back and forth every SITE_TURN_MS or so, and each
- * domain gets about half the transactions. Before, the domain given a
- * turn was handed back after one transaction (the other's place in line
- * dated from when it had taken the connection): 1 in 10. */
+/* Two backlogs at a site of one connection, transactions of 10 ms: each
+ * domain gets half the transactions, the connection going back and forth
+ * after each (turn tags level, the older mail first). Once, the domain
+ * given a turn was handed back after one transaction (the other's place
+ * in line dated from when it had taken the connection): 1 in 10. */
 static void
 site_turns_between_two_backlogs_are_even(void **state)
 {
@@ -4610,7 +4707,7 @@ site_turns_between_two_backlogs_are_even(void **state)
         assert_int_equal(what, SCHED_NEXT_JOB);
     }
     assert_int_equal(na + nb, 100);
-    assert_true(na >= 35 && nb >= 35);
+    assert_true(na >= 48 && nb >= 48);
     assert_int_equal(f->opened, 1);
     fx_free(f);
 }
@@ -4650,8 +4747,8 @@ site_turn_passes_over_a_domain_it_may_not_carry(void **state)
 /* big.test holds the site's four connections (the address's cap) with a
  * backlog; b.test, also with a backlog, comes behind it. The connections
  * are shared out at once, two each, as they finish their transactions,
- * and then stay where they are (no back and forth while neither waited
- * SITE_TURN_MS); a domain that waits with none gets one at once. */
+ * and then stay where they are (no back and forth: neither holds more
+ * than the other); a domain that waits with none gets one at once. */
 static void
 site_turns_even_out_connections(void **state)
 {
@@ -5050,7 +5147,8 @@ waiter_behind_the_sites_own(bool b_last, int n)
             conn_ready(c, &what);
             continue;
         }
-        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         sent++;
         conn_ready(c, &what);
     }
@@ -5307,8 +5405,11 @@ main(void)
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turns_follow_the_age_of_the_mail),
         cmocka_unit_test(site_turn_puts_the_giver_back_by_the_age_of_its_mail),
-        cmocka_unit_test(site_turns_by_age_are_off_with_redis),
+        cmocka_unit_test(site_turn_puts_the_giver_back_before_where_the_walk_stopped),
+        cmocka_unit_test(site_turns_by_tag_are_off_with_redis),
         cmocka_unit_test(site_line_stays_in_the_order_of_turns),
+        cmocka_unit_test(site_line_stays_in_order_past_the_look),
+        cmocka_unit_test(site_turn_passes_a_front_of_suspended_domains),
         cmocka_unit_test(site_many_domains_in_turn_go_in_the_order_they_came),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
