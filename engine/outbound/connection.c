@@ -526,7 +526,9 @@ conn_next(struct conn *c)
         c->rc = rc;
         c->expire_ms = expire;
         t->inflight++;
-        site_turn_taken(t); /* (not for the jobs dropped above: no turn had) */
+        if (t->site == c->site)
+            site_turn_taken(t); /* (not for the jobs dropped above: no turn had; nor
+                                 * on a site a new answer moved t from) */
         break;
     }
     struct queue_envelope *env = c->env;

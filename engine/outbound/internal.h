@@ -917,6 +917,8 @@ void site_turn_taken(struct dest *t);
 /* t had nothing queued and has mail again, or joined its site: its turn
  * tag catches up with the site's clock. */
 void site_turn_join(struct dest *t);
+/* t's turn tag back to tag (its queue emptied and filled again at once). */
+void site_turn_restore(struct dest *t, uint64_t tag);
 /* t leaves its site's list of destinations waiting for a connection. */
 void dest_want_remove(struct dest *t);
 /* Hand connection c to t, a domain of its site: false when c may not

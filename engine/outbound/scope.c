@@ -434,12 +434,14 @@ scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *
 }
 
 /* Park the waiting jobs of a suspended tenant or campaign, every
- * destination's, keeping the others' order. */
+ * destination's, keeping the others' order and each destination's turns
+ * at its site (the queue refilled at once is no mail after none). */
 static void
 scope_park_all(struct delivery *d)
 {
     struct dest_iter it = {0};
     for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
+        uint64_t tag = t->turn_tag;
         struct job *keep = NULL, **kt = &keep, *j;
         while ((j = dest_pop(t)) != NULL) {
             if (scope_job_parked(d, j))
@@ -453,6 +455,7 @@ scope_park_all(struct delivery *d)
             keep = j->next_parked;
             dest_push(t, j, false);
         }
+        site_turn_restore(t, tag);
     }
 }
 

@@ -170,6 +170,21 @@ site_turn_taken(struct dest *t)
     }
 }
 
+/* t's turn tag back to tag, its place in line with it: its queue was
+ * emptied and filled again at once (scope_park_all), which site_turn_join
+ * took for mail after none. */
+void
+site_turn_restore(struct dest *t, uint64_t tag)
+{
+    if (t->turn_tag == tag)
+        return;
+    t->turn_tag = tag;
+    if (t->site != NULL && t->want.on) {
+        lru_remove(&t->site->want, &t->want);
+        want_place(t);
+    }
+}
+
 /* t, which had nothing queued, has mail again (or joined its site): it
  * starts at its site's clock, with no turns saved up while it had none
  * to take. */
@@ -416,28 +431,26 @@ conn_give_turn(struct conn *c, struct dest *t)
      * there (still naming c's host): any domain of c's goes first */
     uint64_t best_tag = t->site == s ? t->turn_tag : UINT64_MAX, best_id = dest_next_id(t);
     struct dest *best = NULL, *w = NULL;
-    unsigned looked = 0;
+    /* SITE_TURN_LOOK domains looked at, and four times as many passed
+     * at most: one c may not carry (another TLS policy, an MX host its
+     * MTA-STS policy does not name, a DANE host) keeps its place but is
+     * not counted, so a front of such (their tags do not move while they
+     * wait) does not keep c from the domains behind them. The carry
+     * check, the dearest, is made only of one that would get c. */
+    unsigned looked = 0, passed = 0;
     struct lru_node *x = s->want.oldest;
-    while (x != NULL && looked++ < SITE_TURN_LOOK) {
+    while (x != NULL && looked < SITE_TURN_LOOK && passed++ < 4 * SITE_TURN_LOOK) {
         struct dest *y = dest_of_want(x);
         x = x->next;
-        if (y == t || y->conns + 1 > t->conns)
+        if (y == t)
             continue;
-        /* One c may not carry (another TLS policy, an MX host its
-         * MTA-STS policy does not name, a DANE host) keeps its place. */
-        if (y->conns + 1 < t->conns || (!by_tag && now - y->want_since >= MS_TO_NS(SITE_TURN_MS))) {
-            if (!conn_may_carry(c, y))
-                continue;
-            lru_remove(&s->want, &y->want);
-            if (conn_take(c, y)) {
-                w = y;
-                break;
-            }
+        if (y->conns + 1 > t->conns) {
+            looked++;
             continue;
         }
-        if (!by_tag)
-            continue;
-        if (fairq_empty(&y->q) || dest_paused(y) || now < y->hold_until) {
+        bool owed =
+            y->conns + 1 < t->conns || (!by_tag && now - y->want_since >= MS_TO_NS(SITE_TURN_MS));
+        if (by_tag && (fairq_empty(&y->q) || dest_paused(y) || now < y->hold_until)) {
             /* Off the line, as conn_take takes it: mail, its resume or
              * its hold runs it. Left there, its tag (which only its
              * turns move) would keep it at the front, and a front of
@@ -445,13 +458,31 @@ conn_give_turn(struct conn *c, struct dest *t)
             lru_remove(&s->want, &y->want);
             continue;
         }
-        if (now < y->rate_until) {
+        if (by_tag && now < y->rate_until) {
             lru_remove(&s->want, &y->want);
             dest_lim_wait(y, y->rate_until); /* its run puts it back in line */
             continue;
         }
+        if (owed) {
+            if (!conn_may_carry(c, y))
+                continue;
+            lru_remove(&s->want, &y->want);
+            if (conn_take(c, y)) {
+                w = y;
+                break;
+            }
+            looked++;
+            continue;
+        }
+        if (!by_tag) {
+            looked++;
+            continue;
+        }
         uint64_t id = dest_next_id(y);
-        if (turn_before(y->turn_tag, id, best_tag, best_id) && conn_may_carry(c, y)) {
+        if (!turn_before(y->turn_tag, id, best_tag, best_id)) {
+            looked++;
+        } else if (conn_may_carry(c, y)) {
+            looked++;
             best_tag = y->turn_tag;
             best_id = id;
             best = y;

@@ -520,7 +520,8 @@ conn_ready(struct conn *c, enum sched_next *what)
     if (j != NULL) {
         c->job = j;
         c->dest->inflight++;
-        site_turn_taken(c->dest); /* as connection.c's conn_next */
+        if (c->dest->site == c->site)
+            site_turn_taken(c->dest); /* as connection.c's conn_next */
     }
 }
 
@@ -4325,6 +4326,103 @@ site_turn_passes_a_front_of_suspended_domains(void **state)
     fx_free(f);
 }
 
+/* Forty domains of one site that the connection may not carry (they
+ * require TLS, it was opened without) wait at the front of the line,
+ * with older mail than small.test's: small.test still gets big.test's
+ * connection after big.test's next transactions. Those keep their place
+ * for a connection that may carry them, but a turn does not count them
+ * among the SITE_TURN_LOOK it looks at (a review found small.test
+ * waiting behind big.test's backlog: their tags never move, so they
+ * stayed at the front). */
+static void
+site_turn_passes_a_front_it_may_not_carry(void **state)
+{
+    (void)state;
+    char conf[4096], name[32];
+    int n = snprintf(conf, sizeof(conf),
+                     "[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                     "[domain *]\nmax_connections = 1\n");
+    for (unsigned i = 0; i < 40; i++)
+        n += snprintf(conf + n, sizeof(conf) - (size_t)n, "[domain s%u.test]\ntls = required\n", i);
+    assert_true(n > 0 && (size_t)n < sizeof(conf));
+    struct fx *f = fx_new(conf);
+    for (unsigned i = 0; i < 300; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *big = dest_get(f->d, "big.test");
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    for (unsigned i = 0; i < 40; i++) {
+        snprintf(name, sizeof(name), "s%u.test", i);
+        submit(name, 1);
+        answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+        assert_true(dest_get(f->d, name)->want.on);
+    }
+    submit("small.test", 1);
+    answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *small = dest_get(f->d, "small.test");
+    assert_true(small->want.on);
+    unsigned k = 0;
+    for (; k < 4 && c->dest != small; k++) {
+        assert_ptr_equal(c->dest, big);
+        f->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    assert_ptr_equal(c->dest, small);
+    assert_true(k <= 2);
+    snprintf(name, sizeof(name), "s%u.test", 0);
+    assert_true(dest_get(f->d, name)->want.on); /* still in line */
+    fx_free(f);
+}
+
+/* A tenant suspended while b.test waits in line: its queue is emptied and
+ * filled again at once with the jobs not parked (scope_park_all), which
+ * is no mail after none. b.test keeps the turns it is owed, and its place
+ * (a review found its tag raised to the site's clock: every domain of the
+ * worker lost what it was owed at each suspension of a tenant). */
+static void
+site_turn_kept_across_a_tenant_suspended(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    for (unsigned i = 0; i < 20; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    for (unsigned i = 0; i < 5; i++) {
+        f->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+    }
+    struct dest *big = dest_get(f->d, "big.test");
+    submit("b.test", 1);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_true(b->want.on);
+    /* b.test falls behind: its tag set back as if the site's clock had
+     * run on without it (as a rate or a hold keeps a domain waiting) */
+    b->turn_tag = big->turn_tag - 3;
+    uint64_t tag = b->turn_tag;
+    assert_int_equal(delivery_suspend_scope(f->d, DELIVERY_SCOPE_TENANT, "other", true, 0), 0);
+    assert_int_equal(b->turn_tag, tag);
+    assert_true(b->want.on);
+    assert_int_equal(dest_queued(b), 2);
+    fx_free(f);
+}
+
 /* Fifty domains of one site whose mail came in turn (a message to each,
  * four times over: a campaign to the many domains one mailbox provider
  * hosts), four connections whose transactions end in no fixed order, 3
@@ -5410,6 +5508,8 @@ main(void)
         cmocka_unit_test(site_line_stays_in_the_order_of_turns),
         cmocka_unit_test(site_line_stays_in_order_past_the_look),
         cmocka_unit_test(site_turn_passes_a_front_of_suspended_domains),
+        cmocka_unit_test(site_turn_passes_a_front_it_may_not_carry),
+        cmocka_unit_test(site_turn_kept_across_a_tenant_suspended),
         cmocka_unit_test(site_many_domains_in_turn_go_in_the_order_they_came),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
