@@ -98,16 +98,13 @@
 /* Turns among the domains of a site (sched_conn_next, site_share.c
  * conn_give_turn). With [redis], how long a domain holding one
  * connection fewer than the carrying one waits before it is owed a turn;
- * the turns counted as one where the line's order is concerned
- * (turn_before); the most turns a domain counts behind its site's clock
- * when its next transaction starts (site_turn_taken: two quanta, as one
- * may fall a quantum behind in turn with another); the domains at the front
- * of the line looked at per transaction, and the most a domain going
- * back in line walks past from either end (want_place). */
-#define SITE_TURN_MS      100
-#define SITE_TURN_QUANTUM 8
-#define SITE_TURN_CREDIT  (2 * SITE_TURN_QUANTUM)
-#define SITE_TURN_LOOK    32
+ * the most turns a domain counts behind its site's clock when its next
+ * transaction starts (site_turn_taken); the domains at the front of the
+ * line looked at per transaction, and the most a domain going back in
+ * line walks past from either end (want_place). */
+#define SITE_TURN_MS     100
+#define SITE_TURN_CREDIT 4
+#define SITE_TURN_LOOK   32
 /* An idle connection whose [mx] or [source] slot another site waits for
  * (not owed it: key_slot_owed) keeps it this long for its own site's next
  * message, then gives it (sched_conn_next). */

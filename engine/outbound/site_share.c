@@ -88,18 +88,10 @@ dest_want_remove(struct dest *t)
 
 /* Whether a domain with turn tag atag and next message aid goes before
  * one with btag and bid in its site's line: fewer of the site's turns
- * had, counted in quanta of SITE_TURN_QUANTUM, then older mail. Within a
- * quantum the age of the mail decides: a domain that fell behind in the
- * order its mail came (its jobs handed over late, a slow transaction)
- * catches up, where exact tags gave it the others' rate and kept it
- * behind for good (100 domains on one host: 1,600 ids from the oldest
- * mail at the median, 40 with quanta of 8; bench/README.md, "Turns by
- * tag"). */
+ * had, then older mail. */
 static bool
 turn_before(uint64_t atag, uint64_t aid, uint64_t btag, uint64_t bid)
 {
-    atag /= SITE_TURN_QUANTUM;
-    btag /= SITE_TURN_QUANTUM;
     return atag < btag || (atag == btag && aid < bid);
 }
 

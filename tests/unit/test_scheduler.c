@@ -4091,11 +4091,10 @@ mx_refresh_failure_keeps_the_old_answer(void **state)
 
 /* One site whose address takes one connection (max_connections_per_address
  * = 1): big.test's backlog holds it, and small.test's one message comes
- * behind it, starting level with big.test's turns. big.test's
- * transactions go first (its mail is older) until it has had a quantum
- * of turns more (SITE_TURN_QUANTUM), then small.test's, however little
- * time passes, and big.test gets the connection back after it (before
- * 2026-12-04, small.test waited for big.test's whole queue; until
+ * behind it, starting level with big.test's turns. big.test's next
+ * transaction goes first (its mail is older), then small.test's, however
+ * little time passes, and big.test gets the connection back after it
+ * (before 2026-12-04, small.test waited for big.test's whole queue; until
  * 2026-12-07, for SITE_TURN_MS). */
 static void
 site_turns_share_one_connection(void **state)
@@ -4103,7 +4102,7 @@ site_turns_share_one_connection(void **state)
     (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
                           "[domain *]\nmax_connections = 10\n");
-    for (unsigned i = 0; i < 40; i++)
+    for (unsigned i = 0; i < 20; i++)
         submit("big.test", 1);
     answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->opened, 1);
@@ -4119,18 +4118,19 @@ site_turns_share_one_connection(void **state)
     assert_ptr_equal(small->site, big->site);
     assert_int_equal(f->opened, 1); /* the address is full: small.test waits */
     assert_true(small->want.on);
-    /* big.test's transactions while its quantum lasts, small.test's then */
-    unsigned k = 0;
-    for (; k <= SITE_TURN_QUANTUM && c->dest != small; k++) {
-        assert_ptr_equal(c->dest, big);
-        f->w.now += MS_TO_NS(1);
-        assert_false(
-            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-        conn_ready(c, &what);
-        assert_int_equal(what, SCHED_NEXT_JOB);
-    }
+
+    /* big.test's next transaction: as many turns, older mail. */
+    f->w.now += MS_TO_NS(1);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, big);
+    /* big.test has had one turn more: small.test's, and big.test waits in line. */
+    f->w.now += MS_TO_NS(1);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
     assert_ptr_equal(c->dest, small);
-    assert_true(k >= 1 && k <= SITE_TURN_QUANTUM);
     assert_int_equal(big->conns, 0);
     assert_int_equal(small->conns, 1);
     assert_true(big->want.on);
@@ -4140,7 +4140,7 @@ site_turns_share_one_connection(void **state)
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_ptr_equal(c->dest, big);
-    assert_int_equal(dest_queued(big), 40 - 1 - k);
+    assert_int_equal(dest_queued(big), 17);
     /* Alone with mail: no turn to give, however long. */
     f->w.now += MS_TO_NS(10 * SITE_TURN_MS);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
@@ -4203,9 +4203,9 @@ site_turns_follow_the_age_of_the_mail(void **state)
 
 /* n domains of one site, their mail in no order, one connection,
  * transactions of 10 ms and every seventh of 150. After each, the site's
- * line is in the order of its turn tags (in quanta of SITE_TURN_QUANTUM),
- * then of the age of each one's next mail (conn_give_turn takes from its
- * front), and every message goes. */
+ * line is in the order of its turn tags, then of the age of each one's
+ * next mail (conn_give_turn takes from its front), and every message
+ * goes. */
 static void
 line_order_run(unsigned n, unsigned msgs)
 {
@@ -4243,9 +4243,8 @@ line_order_run(unsigned n, unsigned msgs)
             const struct dest *y = (const struct dest *)((char *)x - offsetof(struct dest, want));
             const struct job *j = job_of(fairq_peek(&y->q));
             uint64_t yid = j != NULL ? j->id : UINT64_MAX;
-            uint64_t q = y->turn_tag / SITE_TURN_QUANTUM;
-            assert_true(q > tag || (q == tag && yid >= id));
-            tag = q;
+            assert_true(y->turn_tag > tag || (y->turn_tag == tag && yid >= id));
+            tag = y->turn_tag;
             id = yid;
         }
         longest = len > longest ? len : longest;
@@ -4314,7 +4313,7 @@ site_turn_passes_a_front_of_suspended_domains(void **state)
     struct dest *small = dest_get(f->d, "small.test");
     assert_true(small->want.on);
     unsigned k = 0;
-    for (; k <= SITE_TURN_QUANTUM + 1 && c->dest != small; k++) {
+    for (; k < 4 && c->dest != small; k++) {
         assert_ptr_equal(c->dest, big);
         f->w.now += MS_TO_NS(1);
         assert_false(
@@ -4323,7 +4322,7 @@ site_turn_passes_a_front_of_suspended_domains(void **state)
         assert_int_equal(what, SCHED_NEXT_JOB);
     }
     assert_ptr_equal(c->dest, small);
-    assert_true(k <= SITE_TURN_QUANTUM);
+    assert_true(k <= 2);
     fx_free(f);
 }
 
@@ -4368,7 +4367,7 @@ site_turn_passes_a_front_it_may_not_carry(void **state)
     struct dest *small = dest_get(f->d, "small.test");
     assert_true(small->want.on);
     unsigned k = 0;
-    for (; k <= SITE_TURN_QUANTUM + 1 && c->dest != small; k++) {
+    for (; k < 4 && c->dest != small; k++) {
         assert_ptr_equal(c->dest, big);
         f->w.now += MS_TO_NS(1);
         assert_false(
@@ -4377,7 +4376,7 @@ site_turn_passes_a_front_it_may_not_carry(void **state)
         assert_int_equal(what, SCHED_NEXT_JOB);
     }
     assert_ptr_equal(c->dest, small);
-    assert_true(k <= SITE_TURN_QUANTUM);
+    assert_true(k <= 2);
     snprintf(name, sizeof(name), "s%u.test", 0);
     assert_true(dest_get(f->d, name)->want.on); /* still in line */
     fx_free(f);
@@ -4584,7 +4583,7 @@ site_turn_takes_no_connection_rate_token(void **state)
     struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
                           "[domain *]\nmax_connections = 10\n"
                           "[domain small.test]\nmax_connection_rate = 1/h\n");
-    for (unsigned i = 0; i < 60; i++)
+    for (unsigned i = 0; i < 20; i++)
         submit("big.test", 1);
     answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->opened, 1);
@@ -4600,9 +4599,9 @@ site_turn_takes_no_connection_rate_token(void **state)
             answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
         struct dest *small = dest_get(f->d, "small.test");
         assert_true(small->want.on); /* the address is full */
-        /* its turn, every time: once big.test (older mail) has had a
-         * quantum of turns more (SITE_TURN_QUANTUM) */
-        for (unsigned k = 0; k <= SITE_TURN_QUANTUM && c->dest != small; k++) {
+        /* its turn, every time: after big.test's transaction on the
+         * wire and one more (as many turns as small.test, older mail) */
+        for (unsigned k = 0; k < 2; k++) {
             assert_ptr_equal(c->dest, big);
             f->w.now += MS_TO_NS(1);
             assert_false(
@@ -4775,7 +4774,7 @@ rate_refused_domain_does_not_take_the_mx_caps_slot(void **state)
 
 /* Two backlogs at a site of one connection, transactions of 10 ms: each
  * domain gets half the transactions, the connection going back and forth
- * after each quantum of turns (SITE_TURN_QUANTUM). Once, the domain
+ * after each (turn tags level, the older mail first). Once, the domain
  * given a turn was handed back after one transaction (the other's place
  * in line dated from when it had taken the connection): 1 in 10. */
 static void
@@ -4806,7 +4805,7 @@ site_turns_between_two_backlogs_are_even(void **state)
         assert_int_equal(what, SCHED_NEXT_JOB);
     }
     assert_int_equal(na + nb, 100);
-    assert_true(na >= 50 - SITE_TURN_QUANTUM && nb >= 50 - SITE_TURN_QUANTUM);
+    assert_true(na >= 48 && nb >= 48);
     assert_int_equal(f->opened, 1);
     fx_free(f);
 }
