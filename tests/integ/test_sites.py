@@ -437,9 +437,10 @@ def test_a_small_domain_is_not_kept_behind_a_backlog_at_its_site():
     connection (max_connections_per_address = 1), and the receiver takes a
     second over each DATA. big.test's 20 messages hold the connection;
     small.test's one message comes behind them. It must go after at most
-    a few of big.test's, on the same connection (its turn: it waited
-    100 ms), not after all 20 (before: the connection kept its domain
-    while that domain had mail, and small.test waited 20 s)."""
+    a few of big.test's, on the same connection (its turn: it starts
+    level with big.test's count of the site's turns, and big.test's older
+    mail goes first once), not after all 20 (before: the connection kept
+    its domain while that domain had mail, and small.test waited 20 s)."""
     r = Relay(records_for(["big.test", "small.test"]), sink_flags=["-w", "1"],
               domain_conf="[delivery]\nmax_connections_per_address = 1\n"
               "[domain *]\nmax_connections = 4\n")

@@ -4423,6 +4423,72 @@ site_turn_kept_across_a_tenant_suspended(void **state)
     fx_free(f);
 }
 
+/* m.test has had 30 of its site's turns (mx1's) when its answer moves it
+ * to mx9's site, where y.test's backlog holds the one connection and has
+ * had 3. m.test starts level with y.test there: it gets mx9's connection
+ * after at most two of y.test's transactions. (A review found the 30
+ * carried over: m.test would have waited for 27 of y.test's.) */
+static void
+site_turn_of_a_moved_domain_starts_at_its_new_sites_clock(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    static const char *MX9[] = {"mx9.new.test"};
+    static const uint8_t A9[][16] = {{192, 0, 2, 9}};
+    for (unsigned i = 0; i < 40; i++)
+        submit("m.test", 1);
+    answer("m.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    for (unsigned i = 0; i < 40; i++)
+        submit("y.test", 1);
+    answer("y.test", DNS_OK, MX9, (unsigned[]){10}, A9, 1);
+    assert_int_equal(f->opened, 2);
+    struct conn *cm = f->open[0], *cy = f->open[1];
+    struct dest *m = dest_get(f->d, "m.test"), *y = dest_get(f->d, "y.test");
+    assert_ptr_not_equal(m->site, y->site);
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(cm, &what);
+    conn_ready(cy, &what);
+    for (unsigned i = 0; i < 29; i++) {
+        f->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(cm, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(cm, &what);
+        if (i < 2) {
+            assert_false(
+                txn_done(cy, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+            conn_ready(cy, &what);
+        }
+    }
+    assert_int_equal(m->turn_tag, 30);
+    assert_int_equal(y->turn_tag, 3);
+    /* m.test's answer runs out and names mx9 */
+    m->mx->expires = f->w.now;
+    submit("m.test", 1);
+    answer("m.test", DNS_OK, MX9, (unsigned[]){10}, A9, 1);
+    assert_ptr_equal(m->site, y->site);
+    assert_true(m->turn_tag <= y->turn_tag);
+    assert_false(txn_done(cm, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(cm, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* mx_changed */
+    conn_gone(cm, NULL);
+    assert_int_equal(f->nopen, 1); /* mx9's address is full: m.test waits */
+    assert_true(m->want.on);
+    unsigned k = 0;
+    for (; k < 30 && cy->dest != m; k++) {
+        assert_ptr_equal(cy->dest, y);
+        f->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(cy, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(cy, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    assert_ptr_equal(cy->dest, m);
+    assert_true(k <= 2);
+    fx_free(f);
+}
+
 /* Fifty domains of one site whose mail came in turn (a message to each,
  * four times over: a campaign to the many domains one mailbox provider
  * hosts), four connections whose transactions end in no fixed order, 3
@@ -5510,6 +5576,7 @@ main(void)
         cmocka_unit_test(site_turn_passes_a_front_of_suspended_domains),
         cmocka_unit_test(site_turn_passes_a_front_it_may_not_carry),
         cmocka_unit_test(site_turn_kept_across_a_tenant_suspended),
+        cmocka_unit_test(site_turn_of_a_moved_domain_starts_at_its_new_sites_clock),
         cmocka_unit_test(site_many_domains_in_turn_go_in_the_order_they_came),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
