@@ -7,16 +7,17 @@
  * carry a domain's mail (conn_may_carry: the TLS the connection was
  * opened under, an MX host the domain's MTA-STS policy and answer name);
  * the line of the site's domains waiting for a connection (want_push: in
- * the order of their turn tags, then of the age of their next mail); a
- * connection moving to another domain of its site
- * (conn_move: the domain's connection lease moves with it, but no token
- * of its connection rate), taken up by a waiting domain when its own has
- * nothing to send (conn_take_waiting) or given to one after a
- * transaction (conn_give_turn: start-time fair queuing over the site's
- * transactions, site_turn_taken and site_turn_join keeping the tags,
- * and connections shared out evenly); and room at the site waking the
- * domains in line (site_wake). The scheduler calls these from dest_run
- * (scheduler.c) and sched_conn_next (sched_conn.c).
+ * the order of their turn tags, then of the age of their next mail, as
+ * far as want_place's bounded walks find it); a connection moving to
+ * another domain of its site (conn_move: the domain's connection lease
+ * moves with it, but no token of its connection rate), taken up by a
+ * waiting domain when its own has nothing to send (conn_take_waiting) or
+ * given to one after a transaction (conn_give_turn: start-time fair
+ * queuing over the site's transactions, site_turn_taken and
+ * site_turn_join keeping the tags, and connections shared out evenly);
+ * and room at the site waking the domains in line (site_wake). The
+ * scheduler calls these from dest_run (scheduler.c) and sched_conn_next
+ * (sched_conn.c).
  *
  * Threading: the worker's thread.
  */
@@ -405,9 +406,13 @@ conn_take_waiting(struct conn *c)
  * behind one backlog, a small domain's message goes after at most one
  * more of the backlog's transactions; and where the site's mail came in
  * turn across its domains (1,000 domains behind one mailbox provider, a
- * message each in turn), it goes in the order it came, as one domain's
- * does: the spool's keys are in that order, so a commit's removals fall
- * on few pages (bench/README.md, "Turns by tag"). Before, a domain was owed a turn
+ * message each in turn), its deliveries stay nearer the order it came
+ * than under the turns by age before (with 100 domains, further; the
+ * spool's keys are in that order, so a commit's removals fall on fewer
+ * pages: bench/README.md, "Turns by tag"), but not in it: domains fed at
+ * unequal rates get equal turns, and with more than a few dozen waiting,
+ * want_place's places are approximate and the line goes round ("Why the
+ * line is not in the order mail came"). Before, a domain was owed a turn
  * once it had waited SITE_TURN_MS, and one given such a turn held the
  * connection for as long: 1,000 domains each waiting more than that
  * went round in the order they began to wait, a burst each, and the
