@@ -4201,13 +4201,34 @@ site_turns_follow_the_age_of_the_mail(void **state)
     fx_free(f);
 }
 
+/* Whether site's line is in the order of turn tags, then of the age of
+ * each one's next mail (none: last among its tag). */
+static bool
+line_in_order(const struct site *site)
+{
+    uint64_t tag = 0, id = 0;
+    for (const struct lru_node *x = site->want.oldest; x != NULL; x = x->next) {
+        const struct dest *y = (const struct dest *)((const char *)x - offsetof(struct dest, want));
+        const struct job *j = job_of(fairq_peek(&y->q));
+        uint64_t yid = j != NULL ? j->id : UINT64_MAX;
+        if (y->turn_tag < tag || (y->turn_tag == tag && yid < id))
+            return false;
+        tag = y->turn_tag;
+        id = yid;
+    }
+    return true;
+}
+
 /* n domains of one site, their mail in no order, one connection,
- * transactions of 10 ms and every seventh of 150. After each, the site's
- * line is in the order of its turn tags, then of the age of each one's
- * next mail (conn_give_turn takes from its front), and every message
- * goes. */
+ * transactions of 10 ms and every seventh of 150; of the msgs messages,
+ * the last late come one after each transaction, to a domain in no
+ * order (one whose queue had emptied starts at the site's clock, maybe
+ * while it is still in line: site_turn_join places it anew). After each
+ * transaction, the site's line is in the order of its turn tags, then of
+ * the age of each one's next mail (conn_give_turn takes from its front),
+ * and every message goes. */
 static void
-line_order_run(unsigned n, unsigned msgs)
+line_order_run(unsigned n, unsigned msgs, unsigned late)
 {
     struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
                           "[domain *]\nmax_connections = 10\n");
@@ -4219,7 +4240,7 @@ line_order_run(unsigned n, unsigned msgs)
     f->w.now += MS_TO_NS(1);
     conn_ready(c, &what);
     uint32_t lcg = 1; /* the domains in a fixed pseudo-random order: runs of one, gaps */
-    for (unsigned i = 1; i < msgs; i++) {
+    for (unsigned i = 1; i < msgs - late; i++) {
         lcg = lcg * 1103515245u + 12345u;
         snprintf(name, sizeof(name), "d%u.test", i < n ? i : (lcg >> 16) % n);
         submit(name, 1);
@@ -4232,22 +4253,18 @@ line_order_run(unsigned n, unsigned msgs)
     unsigned sent = 1, turns_seen = 0, longest = 0;
     for (unsigned step = 0; step + 1 < msgs; step++) {
         f->w.now += MS_TO_NS(step % 7 == 6 ? 150 : 10);
+        if (step < late) {
+            lcg = lcg * 1103515245u + 12345u;
+            snprintf(name, sizeof(name), "d%u.test", (lcg >> 16) % n);
+            submit(name, 1);
+        }
         assert_false(
             txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
         conn_ready(c, &what);
         assert_int_equal(what, SCHED_NEXT_JOB);
         sent++;
-        uint64_t tag = 0, id = 0;
-        unsigned len = 0;
-        for (struct lru_node *x = site->want.oldest; x != NULL; x = x->next, len++) {
-            const struct dest *y = (const struct dest *)((char *)x - offsetof(struct dest, want));
-            const struct job *j = job_of(fairq_peek(&y->q));
-            uint64_t yid = j != NULL ? j->id : UINT64_MAX;
-            assert_true(y->turn_tag > tag || (y->turn_tag == tag && yid >= id));
-            tag = y->turn_tag;
-            id = yid;
-        }
-        longest = len > longest ? len : longest;
+        assert_true(line_in_order(site));
+        longest = site->want.n > longest ? (unsigned)site->want.n : longest;
         turns_seen = (unsigned)f->d->stats.site_turns;
     }
     assert_int_equal(sent, msgs);
@@ -4260,7 +4277,7 @@ static void
 site_line_stays_in_the_order_of_turns(void **state)
 {
     (void)state;
-    line_order_run(6, 60);
+    line_order_run(6, 60, 0);
 }
 
 /* More domains than a domain going back in line walks past from either
@@ -4270,7 +4287,74 @@ site_line_stays_in_order_past_the_look(void **state)
 {
     (void)state;
     assert_true(SITE_TURN_LOOK < 40 && 40 < 2 * SITE_TURN_LOOK);
-    line_order_run(40, 400);
+    line_order_run(40, 400, 0);
+}
+
+/* Mail that comes while the line runs, some to domains whose queues had
+ * emptied (they start at the site's clock): the line stays in order. (On
+ * one connection a domain in line with nothing queued has just had the
+ * last turn, so its tag is the clock: site_turn_join_places_a_domain_in_line_anew
+ * has the case where it is not.) */
+static void
+site_line_stays_in_order_with_mail_coming(void **state)
+{
+    (void)state;
+    line_order_run(12, 300, 200);
+}
+
+/* t.test takes one of big.test's two connections (two fewer) and stays in
+ * line for more; that connection sends both of its messages, and t.test
+ * waits in line with nothing queued while big.test's other connection
+ * moves the site's clock on. Mail for t.test then: it starts at the
+ * clock, and goes to its place in line for that tag (a review found it
+ * left where it was, the line out of order: conn_give_turn would have
+ * taken it first). */
+static void
+site_turn_join_places_a_domain_in_line_anew(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 2\nmax_connections_per_address = 2\n"
+                          "[domain *]\nmax_connections = 10\n");
+    for (unsigned i = 0; i < 40; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    struct conn *c0 = f->open[0], *c1 = f->open[1];
+    struct dest *big = dest_get(f->d, "big.test");
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c0, &what);
+    conn_ready(c1, &what);
+    submit("t.test", 1);
+    submit("t.test", 1);
+    answer("t.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *t = dest_get(f->d, "t.test");
+    assert_true(t->want.on);
+    /* c0: t.test's two messages */
+    f->w.now += MS_TO_NS(1);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c0, &what);
+    assert_ptr_equal(c0->dest, t);
+    f->w.now += MS_TO_NS(1);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c0, &what);
+    assert_ptr_equal(c0->dest, t);
+    assert_int_equal(dest_queued(t), 0);
+    assert_true(t->want.on); /* in line, nothing queued, while c0 carries it */
+    /* c1: big.test's, the clock past t.test's tag */
+    for (unsigned i = 0; i < 6; i++) {
+        f->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(c1, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c1, &what);
+        assert_ptr_equal(c1->dest, big);
+    }
+    assert_true(t->turn_tag < t->site->turn_clock);
+    assert_true(t->want.on);
+    submit("t.test", 1);
+    assert_int_equal(t->turn_tag, t->site->turn_clock);
+    assert_true(line_in_order(t->site));
+    fx_free(f);
 }
 
 /* Forty domains of one site suspended while they wait in line, as many
@@ -5573,6 +5657,8 @@ main(void)
         cmocka_unit_test(site_turns_by_tag_are_off_with_redis),
         cmocka_unit_test(site_line_stays_in_the_order_of_turns),
         cmocka_unit_test(site_line_stays_in_order_past_the_look),
+        cmocka_unit_test(site_line_stays_in_order_with_mail_coming),
+        cmocka_unit_test(site_turn_join_places_a_domain_in_line_anew),
         cmocka_unit_test(site_turn_passes_a_front_of_suspended_domains),
         cmocka_unit_test(site_turn_passes_a_front_it_may_not_carry),
         cmocka_unit_test(site_turn_kept_across_a_tenant_suspended),
