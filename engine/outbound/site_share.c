@@ -406,13 +406,14 @@ conn_take_waiting(struct conn *c)
  * behind one backlog, a small domain's message goes after at most one
  * more of the backlog's transactions; and where the site's mail came in
  * turn across its domains (1,000 domains behind one mailbox provider, a
- * message each in turn), its deliveries stay nearer the order it came
- * than under the turns by age before (with 100 domains, further; the
- * spool's keys are in that order, so a commit's removals fall on fewer
- * pages: bench/README.md, "Turns by tag"), but not in it: domains fed at
- * unequal rates get equal turns, and with more than a few dozen waiting,
- * want_place's places are approximate and the line goes round ("Why the
- * line is not in the order mail came"). Before, a domain was owed a turn
+ * message each in turn), deliveries in a row come from nearby messages
+ * (a median of 105 to 125 ids apart on 1,000 domains, 991 under the
+ * turns by age before), so a commit's removals fall on fewer pages
+ * (bench/README.md, "Turns by tag"). They do not keep the order the mail
+ * came: domains fed at unequal rates get equal turns, and with more than
+ * 2 * SITE_TURN_LOOK domains waiting, want_place's places are
+ * approximate and the line works as a round robin ("Why the line is not
+ * in the order mail came"). Before, a domain was owed a turn
  * once it had waited SITE_TURN_MS, and one given such a turn held the
  * connection for as long: 1,000 domains each waiting more than that
  * went round in the order they began to wait, a burst each, and the
