@@ -557,6 +557,25 @@ txn_done(struct conn *c, enum smtp_status st, unsigned code, enum smtp_reason re
     return txn_done_at(c, st, code, reason, scope, SMTP_CLIENT_S_RCPT);
 }
 
+/* Transactions of holder delivered on c, 1 ms apart, until c moves to
+ * to (or max of them): how many it took. Each ends with c taking
+ * another job. */
+static unsigned
+txns_until(struct conn *c, struct dest *holder, struct dest *to, unsigned max)
+{
+    enum sched_next what;
+    unsigned k = 0;
+    for (; k < max && c->dest != to; k++) {
+        assert_ptr_equal(c->dest, holder);
+        F->w.now += MS_TO_NS(1);
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    return k;
+}
+
 static unsigned
 allowed(const char *domain)
 {
@@ -4399,15 +4418,7 @@ site_turn_passes_a_front_of_suspended_domains(void **state)
     answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     struct dest *small = dest_get(f->d, "small.test");
     assert_true(small->want.on);
-    unsigned k = 0;
-    for (; k < 4 && c->dest != small; k++) {
-        assert_ptr_equal(c->dest, big);
-        f->w.now += MS_TO_NS(1);
-        assert_false(
-            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-        conn_ready(c, &what);
-        assert_int_equal(what, SCHED_NEXT_JOB);
-    }
+    unsigned k = txns_until(c, big, small, 4);
     assert_ptr_equal(c->dest, small);
     assert_true(k <= 2);
     fx_free(f);
@@ -4453,15 +4464,7 @@ site_turn_passes_a_front_it_may_not_carry(void **state)
     answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     struct dest *small = dest_get(f->d, "small.test");
     assert_true(small->want.on);
-    unsigned k = 0;
-    for (; k < 4 && c->dest != small; k++) {
-        assert_ptr_equal(c->dest, big);
-        f->w.now += MS_TO_NS(1);
-        assert_false(
-            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-        conn_ready(c, &what);
-        assert_int_equal(what, SCHED_NEXT_JOB);
-    }
+    unsigned k = txns_until(c, big, small, 4);
     assert_ptr_equal(c->dest, small);
     assert_true(k <= 2);
     snprintf(name, sizeof(name), "s%u.test", 0);
@@ -4563,15 +4566,7 @@ site_turn_of_a_moved_domain_starts_at_its_new_sites_clock(void **state)
     conn_gone(cm, NULL);
     assert_int_equal(f->nopen, 1); /* mx9's address is full: m.test waits */
     assert_true(m->want.on);
-    unsigned k = 0;
-    for (; k < 30 && cy->dest != m; k++) {
-        assert_ptr_equal(cy->dest, y);
-        f->w.now += MS_TO_NS(1);
-        assert_false(
-            txn_done(cy, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-        conn_ready(cy, &what);
-        assert_int_equal(what, SCHED_NEXT_JOB);
-    }
+    unsigned k = txns_until(cy, y, m, 30);
     assert_ptr_equal(cy->dest, m);
     assert_int_equal(k, 1);
     fx_free(f);
