@@ -1,56 +1,60 @@
 /*
- * cache: client sessions per MX host, for resumption. A hash table of
- * entries keyed by the conn's cache key (case-insensitive: host names),
- * each holding one reference to an SSL_SESSION and the host its
+ * cache: client sessions per MX host, for resumption. A table of entries
+ * keyed by the conn's cache key (case-insensitive: host names; common/
+ * hash.h), each holding one reference to an SSL_SESSION and the host its
  * certificate verified for (and under which ctx's CA store), on a list in
- * order of use; past max_entries
- * the least recently used goes. Sessions are OpenSSL's refcounted objects:
- * a conn that resumes one holds its own reference, so dropping an entry
- * never pulls a session from under a live connection.
+ * order of use (common/lru.h); past max_entries the least recently used
+ * goes. Sessions are OpenSSL's refcounted objects: a conn that resumes
+ * one holds its own reference, so dropping an entry never pulls a
+ * session from under a live connection.
  *
  * Threading: one cache per worker thread, used only there; no locks.
  */
 #include "tls/tls_int.h"
 
+#include "common/hash.h"
+#include "common/lru.h"
+
 #include <ctype.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
 
 struct tls_cache_entry {
-    struct tls_cache_entry *chain; /* borrowed: next in the same bucket */
-    struct tls_cache_entry *newer; /* borrowed: use order, toward cache->newest */
-    struct tls_cache_entry *older; /* borrowed: use order, toward cache->oldest */
-    SSL_SESSION *sess;             /* owned: one reference */
-    char *verified_host;           /* owned; NULL: the certificate did not verify */
-    uint64_t trust_gen;            /* the ctx whose CA store verified it */
-    uint64_t hash;
-    char key[]; /* lowercase */
+    struct hash_node node; /* in cache->by_key */
+    struct lru_node use;   /* on cache->use, newest the last used */
+    SSL_SESSION *sess;     /* owned: one reference */
+    char *verified_host;   /* owned; NULL: the certificate did not verify */
+    uint64_t trust_gen;    /* the ctx whose CA store verified it */
+    char key[];            /* lowercase */
 };
 
 struct tls_cache {
-    struct tls_cache_entry **buckets; /* owned; each entry owned through its bucket */
-    size_t nbuckets;                  /* a power of two */
-    size_t count;
+    struct hash by_key; /* each entry owned through it */
+    struct lru use;
     size_t max;
-    struct tls_cache_entry *newest; /* borrowed */
-    struct tls_cache_entry *oldest; /* borrowed */
     uint64_t hits, misses, evictions;
 };
 
-static uint64_t
-cache_hash(const char *key)
+static inline struct tls_cache_entry *
+entry_of_node(const struct hash_node *n)
 {
-    /* FNV-1a over the lowercased key: keys are a few host names per
-     * domain, not chosen by an attacker in any useful way. */
-    uint64_t h = 14695981039346656037ULL;
-    for (const unsigned char *p = (const unsigned char *)key; *p != '\0'; p++) {
-        h ^= (uint64_t)tolower(*p);
-        h *= 1099511628211ULL;
-    }
-    return h;
+    return (struct tls_cache_entry *)((const char *)n - offsetof(struct tls_cache_entry, node));
+}
+
+static inline struct tls_cache_entry *
+entry_of_use(struct lru_node *x)
+{
+    return (struct tls_cache_entry *)((char *)x - offsetof(struct tls_cache_entry, use));
+}
+
+static bool
+entry_eq(const struct hash_node *n, const void *key)
+{
+    return strcasecmp(entry_of_node(n)->key, key) == 0;
 }
 
 int
@@ -60,15 +64,8 @@ tls_cache_new(unsigned max_entries, struct tls_cache **out)
     struct tls_cache *cache = calloc(1, sizeof(*cache));
     if (cache == NULL)
         return -ENOMEM;
-    size_t n = 16;
-    while (n < max_entries)
-        n <<= 1;
-    cache->buckets = calloc(n, sizeof(*cache->buckets));
-    if (cache->buckets == NULL) {
-        free(cache);
-        return -ENOMEM;
-    }
-    cache->nbuckets = n;
+    hash_init(&cache->by_key, entry_eq, 16);
+    lru_init(&cache->use);
     cache->max = max_entries;
     *out = cache;
     return 0;
@@ -87,13 +84,14 @@ tls_cache_free(struct tls_cache *cache)
 {
     if (cache == NULL)
         return NULL;
-    struct tls_cache_entry *e = cache->newest;
-    while (e != NULL) {
-        struct tls_cache_entry *next = e->older;
+    struct lru_node *x;
+    while ((x = lru_oldest(&cache->use)) != NULL) {
+        struct tls_cache_entry *e = entry_of_use(x);
+        lru_remove(&cache->use, x);
+        hash_remove(&cache->by_key, &e->node);
         entry_free(e);
-        e = next;
     }
-    free(cache->buckets);
+    hash_fini(&cache->by_key);
     free(cache);
     return NULL;
 }
@@ -101,55 +99,25 @@ tls_cache_free(struct tls_cache *cache)
 void
 tls_cache_stats(const struct tls_cache *cache, struct tls_cache_stats *out)
 {
-    out->entries = cache->count;
+    out->entries = hash_count(&cache->by_key);
     out->hits = cache->hits;
     out->misses = cache->misses;
     out->evictions = cache->evictions;
 }
 
-static struct tls_cache_entry **
-cache_slot(struct tls_cache *cache, const char *key, uint64_t hash)
+static struct tls_cache_entry *
+cache_find(const struct tls_cache *cache, const char *key)
 {
-    struct tls_cache_entry **p = &cache->buckets[hash & (cache->nbuckets - 1)];
-    while (*p != NULL && ((*p)->hash != hash || strcasecmp((*p)->key, key) != 0))
-        p = &(*p)->chain;
-    return p;
+    struct hash_node *n = hash_find(&cache->by_key, hash_str_nocase(key), key);
+    return n != NULL ? entry_of_node(n) : NULL;
 }
 
+/* Take e out of both structures and free it. */
 static void
-lru_unlink(struct tls_cache *cache, struct tls_cache_entry *e)
+cache_drop(struct tls_cache *cache, struct tls_cache_entry *e)
 {
-    if (e->newer != NULL)
-        e->newer->older = e->older;
-    else
-        cache->newest = e->older;
-    if (e->older != NULL)
-        e->older->newer = e->newer;
-    else
-        cache->oldest = e->newer;
-    e->newer = e->older = NULL;
-}
-
-static void
-lru_push(struct tls_cache *cache, struct tls_cache_entry *e)
-{
-    e->newer = NULL;
-    e->older = cache->newest;
-    if (cache->newest != NULL)
-        cache->newest->newer = e;
-    cache->newest = e;
-    if (cache->oldest == NULL)
-        cache->oldest = e;
-}
-
-/* Unlink the entry at *slot from both structures and free it. */
-static void
-cache_drop(struct tls_cache *cache, struct tls_cache_entry **slot)
-{
-    struct tls_cache_entry *e = *slot;
-    *slot = e->chain;
-    lru_unlink(cache, e);
-    cache->count--;
+    hash_remove(&cache->by_key, &e->node);
+    lru_remove(&cache->use, &e->use);
     entry_free(e);
 }
 
@@ -169,15 +137,13 @@ tls_cache_get(struct tls_cache *cache, const char *key, const char *host, uint64
               bool require_verified, bool *verified)
 {
     *verified = false;
-    uint64_t hash = cache_hash(key);
-    struct tls_cache_entry **slot = cache_slot(cache, key, hash);
-    struct tls_cache_entry *e = *slot;
+    struct tls_cache_entry *e = cache_find(cache, key);
     if (e == NULL) {
         cache->misses++;
         return NULL;
     }
     if (!session_usable(e->sess)) {
-        cache_drop(cache, slot);
+        cache_drop(cache, e);
         cache->evictions++;
         cache->misses++;
         return NULL;
@@ -190,8 +156,7 @@ tls_cache_get(struct tls_cache *cache, const char *key, const char *host, uint64
         cache->misses++;
         return NULL;
     }
-    lru_unlink(cache, e);
-    lru_push(cache, e);
+    lru_touch(&cache->use, &e->use);
     cache->hits++;
     *verified = vf;
     return e->sess;
@@ -206,9 +171,7 @@ tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
     char *vh = NULL;
     if (verified_host != NULL && (vh = strdup(verified_host)) == NULL)
         return -ENOMEM;
-    uint64_t hash = cache_hash(key);
-    struct tls_cache_entry **slot = cache_slot(cache, key, hash);
-    struct tls_cache_entry *e = *slot;
+    struct tls_cache_entry *e = cache_find(cache, key);
     if (e != NULL) {
         /* A newer ticket for the same host replaces the older one. */
         SSL_SESSION_free(e->sess);
@@ -216,8 +179,7 @@ tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
         e->sess = sess;
         e->verified_host = vh;
         e->trust_gen = trust_gen;
-        lru_unlink(cache, e);
-        lru_push(cache, e);
+        lru_touch(&cache->use, &e->use);
         return 0;
     }
     size_t klen = strlen(key);
@@ -228,28 +190,27 @@ tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
     }
     for (size_t i = 0; i < klen; i++)
         e->key[i] = (char)tolower((unsigned char)key[i]);
-    e->hash = hash;
+    e->node.hash = hash_str_nocase(key);
+    if (hash_insert(&cache->by_key, &e->node) < 0) {
+        free(e);
+        free(vh);
+        return -ENOMEM;
+    }
     e->sess = sess;
     e->verified_host = vh;
     e->trust_gen = trust_gen;
-    if (cache->count >= cache->max) {
-        struct tls_cache_entry *old = cache->oldest;
-        cache_drop(cache, cache_slot(cache, old->key, old->hash));
+    lru_touch(&cache->use, &e->use);
+    if (hash_count(&cache->by_key) > cache->max) {
+        cache_drop(cache, entry_of_use(lru_oldest(&cache->use)));
         cache->evictions++;
-        /* The drop may have emptied the bucket the new entry goes in. */
-        slot = cache_slot(cache, key, hash);
     }
-    e->chain = *slot;
-    *slot = e;
-    lru_push(cache, e);
-    cache->count++;
     return 0;
 }
 
 void
 tls_cache_remove(struct tls_cache *cache, const char *key, const SSL_SESSION *sess)
 {
-    struct tls_cache_entry **slot = cache_slot(cache, key, cache_hash(key));
-    if (*slot != NULL && (*slot)->sess == sess)
-        cache_drop(cache, slot);
+    struct tls_cache_entry *e = cache_find(cache, key);
+    if (e != NULL && e->sess == sess)
+        cache_drop(cache, e);
 }
