@@ -30,8 +30,8 @@ own.
 
 With --before, each line runs with the other binary first, then with
 --sluice: the ratio of each is to its own one-domain line. With --rounds
-N, the line shows the best run, and the line under it every run and the
-median of their ratios: on two cores shared by sluice, the sink, the
+N, the line shows the best run (but max/addr, the most in any run), and
+the line under it every run and the median of their ratios: on two cores shared by sluice, the sink, the
 injector and the responder, runs of one line differ by several percent,
 and the median says where the line stands, the best what it can reach.
 
@@ -125,11 +125,12 @@ def _port_filter(port):
 
 
 def per_address(port):
-    """Established connections to each 127.0.0.x:port now, counted at the
+    """The established connections to each 127.0.0.x:port now, at the
     receivers' end: the smtp-sinks' accepted sockets (local port port), as
     the kernel's sock_diag lists them, each address's as a set of socket
-    cookies (the kernel's id of a socket, unique while it lives). Only the relay connects to the
-    sinks, whose port is this benchmark's own (free_port() claims it).
+    cookies (the kernel's id of a socket, never reused while it runs).
+    Only the relay connects to the sinks, whose port is this benchmark's
+    own (free_port() claims it).
     The kernel filters by port, so a sample costs what the relay's
     connections cost, not what every socket on the machine or every file
     of sluice does (the /proc/net/tcp and /proc/PID/fd reads it replaced
@@ -154,7 +155,7 @@ def per_address(port):
                 if kind == 2:  # NLMSG_ERROR
                     raise OSError(-struct.unpack_from("=i", buf, off + 16)[0], "sock_diag")
                 # inet_diag_msg: family, state, timer, retrans, then the
-                # socket id: sport, dport (big-endian), src, dst
+                # socket id: sport, dport (big-endian), src, dst, if, cookie
                 src = socket.inet_ntoa(buf[off + 24:off + 28])
                 out.setdefault(src, set()).add(buf[off + 60:off + 68])  # id.cookie
                 off += (length + 3) & ~3
@@ -187,9 +188,11 @@ class Sampler(threading.Thread):
             prev = c
             # Every 50 ms: a dump walks the kernel's whole table of
             # established connections (262,144 buckets here), 2 to 3 ms of
-            # CPU each, 0.3 s per line at every 10 ms. The connections
-            # last far longer (a few are opened per address in a line and
-            # kept while mail comes), so none is missed.
+            # CPU each, 0.3 s per line at every 10 ms. So the count is a
+            # floor: a connection that lives less than the time between
+            # two samples is not counted (most last far longer: a few are
+            # opened per address in a line and kept while mail comes; not
+            # with an MX name per domain and no rollup, --own-names).
             time.sleep(0.05)
 
 
@@ -433,7 +436,8 @@ file = {work}/sluice.log
                    cpu=1000 * sluice_cpu / max(1, delivered), busy=busy,
                    faults=faults / max(1, delivered),
                    host=1 - (host1[1] - host0[1]) / max(1, host1[0] - host0[0]),
-                   delivered=delivered, conns=connected, most=samp.most, most_one=samp.most_one, errors=len(errors),
+                   delivered=delivered, conns=connected, most=samp.most, most_one=samp.most_one,
+                   errors=len(errors),
                    secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
                    dns_cpu=dns_cpu, sink_cpu=sink_cpu, bench_cpu=bench_cpu,
                    threads=threads, counts=counts)
@@ -479,8 +483,8 @@ def main():
     ap.add_argument("--warm", action="store_true",
                     help="deliver the line's messages once before timing it: DNS answers, "
                          "MTA-STS answers and destinations are then held (a repeat campaign)")
-    ap.add_argument("--rounds", type=int, default=1, help="runs of each line; the best is shown, "
-                    "every run's rate after it (the worst hides nothing) and the median of their "
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each line; the best is shown "
+                    "(max/addr: the most of any run), every run's rate after it (the worst hides nothing) and the median of their "
                     "ratios")
     ap.add_argument("--keep", action="store_true",
                     help="keep each run's directory (sluice.log, the spool) under --spool and "
