@@ -14,16 +14,26 @@
  * is the SMTP connection, outbound/outcome.c acts on outcomes (spool,
  * logs, DSNs), and outbound/policy.c takes every failure decision.
  *
+ * This file and engine/delivery_due.c are the only files of the outbound
+ * side that read struct engine: this one gives the others what they use
+ * of it (delivery_env_take, and the calls under "between the engine and
+ * the outbound side").
+ *
  * Threading: the worker's thread, but delivery_submit() and the calls
- * delivery.h marks as any thread.
+ * delivery.h marks as any thread; delivery_trim's counters are every
+ * worker's, atomic.
  */
 #include "engine/delivery.h"
 
 #include <errno.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __GLIBC__ /* (defined by the headers above) */
+#include <malloc.h>
+#endif
 
 #include "common/clock.h"
 #include "common/idn.h"
@@ -40,6 +50,86 @@
 #include "engine/stats.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
+
+#define TRIM_MIN_BYTES ((size_t)1 << 20) /* freed since the last malloc_trim, for another */
+#define TRIM_EVERY_MS  60000             /* ... at most this often while sweeps free */
+
+/* ---- between the engine and the outbound side ---- */
+
+void
+delivery_env_take(struct delivery *d)
+{
+    const struct engine *e = d->e;
+    d->cfg = e->cfg;
+    d->names = e->names;
+    d->queue = e->queue;
+    d->dlog = e->dlogw != NULL ? e->dlogw[d->w->id] : NULL;
+    d->events = e->events;
+    d->suppress = e->suppress;
+    d->warmup = e->warmup;
+    d->shaping = e->shaping;
+    d->gens = e->gens;
+    d->nworkers = e->nworkers;
+    d->started_ms = e->started_ms;
+}
+
+struct mta_sts *
+delivery_mta_sts(const struct delivery *d)
+{
+    return d->e->mta_sts;
+}
+
+struct tls_ctx *
+delivery_tls_client(struct delivery *d)
+{
+    return engine_tls_client(d->e);
+}
+
+bool
+delivery_tls_on(const struct delivery *d)
+{
+    return d->e->tls_client != NULL;
+}
+
+void
+delivery_submit_dsn(struct delivery *d, uint64_t id, const char *rcpt, const char *tenant,
+                    const char *pool, const char *campaign)
+{
+    delivery_submit_local(d->e, id, rcpt, tenant, pool, campaign, false);
+}
+
+/* A sweep freed about bytes (its destinations' structs and its pooled
+ * buffers; their names, answers and sites are not counted): the heap's
+ * free pages go back to the system when the workers freed enough since
+ * the last trim, and no sweep of any worker freed anything since the
+ * last one looked (what churned has stopped: the count is as that sweep
+ * left it), or the last trim is a minute old. The counter is taken whole
+ * (compare-exchange) by the one sweep that trims; another's bytes added
+ * meanwhile wait for the next. */
+void
+delivery_trim(struct delivery *d, size_t bytes, uint64_t now)
+{
+#ifdef __GLIBC__
+    struct engine *e = d->e;
+    size_t pending = atomic_fetch_add(&e->freed_untrimmed, bytes) + bytes;
+    size_t seen = atomic_exchange(&e->freed_seen, pending);
+    if (pending < TRIM_MIN_BYTES)
+        return;
+    bool quiet = bytes == 0 && seen == pending;
+    uint64_t last = atomic_load(&e->trimmed_at);
+    if (!quiet && last != 0 && now - last < MS_TO_NS(TRIM_EVERY_MS))
+        return;
+    if (!atomic_compare_exchange_strong(&e->freed_untrimmed, &pending, 0))
+        return;
+    atomic_store(&e->trimmed_at, now);
+    uint64_t t0 = clock_mono_ns();
+    malloc_trim(0);
+    log_msg(LOG_INFO, "event=memory_trimmed freed_kb=%zu us=%llu", pending / 1024,
+            (unsigned long long)((clock_mono_ns() - t0) / 1000));
+#else
+    (void)d, (void)bytes, (void)now;
+#endif
+}
 
 /* ---- what the scheduler calls out to, on a running worker ---- */
 
@@ -962,6 +1052,7 @@ delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t
 void
 delivery_reconfigure(struct delivery *d)
 {
+    delivery_env_take(d); /* the config the main thread swapped in while we waited */
     /* [tenant] weights are asked of the new config from the next turn. */
     memset(d->tweights, 0, sizeof(d->tweights));
     /* An interface address added since (a loop if delivered to) is known
@@ -1073,13 +1164,14 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
         return -ENOMEM;
     d->e = e;
     d->w = w;
+    delivery_env_take(d);
     d->port_op = (struct op){OP_CALLBACK, port_on_ready};
     delivery_due_init(d);
     d->cli_pool.size = sizeof(struct smtp_client_buf);
     d->rng = (clock_mono_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     d->ops = &delivery_ops;
-    if (sched_init(d) < 0) {
+    if (sched_init(d, e->site_addrs) < 0) {
         free(d);
         return -ENOMEM;
     }
@@ -1123,6 +1215,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
 void
 delivery_start(struct delivery *d)
 {
+    delivery_env_take(d); /* every worker made now: nworkers is theirs */
     char err[256];
     int rc = resolver_new(d->w, &d->e->cfg->dns, &d->res, err, sizeof(err));
     if (rc < 0) {

@@ -56,7 +56,6 @@
 #include <strings.h>
 
 #include "common/hash.h"
-#include "engine/engine.h"
 #include "engine/outbound/internal.h"
 
 /* The name of t's site for affinity: the least MX host name of the best
@@ -73,7 +72,7 @@ site_host(const struct dest *t)
          i++)
         if (strcasecmp(mx->hosts[i].name, best->name) < 0)
             best = &mx->hosts[i];
-    const char *rollup = site_rollup_name(t->d->e->cfg, best);
+    const char *rollup = site_rollup_name(t->d->cfg, best);
     return rollup != NULL ? rollup : best->name;
 }
 
@@ -122,14 +121,14 @@ bool
 dest_affinity(struct dest *t)
 {
     struct delivery *d = t->d;
-    if (d->ops->claim == NULL || d->e->nworkers < 2 || t->affinity_for == t->mx)
+    if (d->ops->claim == NULL || d->nworkers < 2 || t->affinity_for == t->mx)
         return false;
     t->affinity_for = t->mx;
     if (t->pool != 0 || t->tls_relaxed)
         return false;
     bool may = t->mx->nhosts > 0;
     const char *host = may ? site_host(t) : NULL;
-    unsigned w = may ? site_worker(t, d->e->nworkers) : d->w->id;
+    unsigned w = may ? site_worker(t, d->nworkers) : d->w->id;
     if (may && w == d->w->id)
         return false; /* its hash's worker, or claimed for this one already */
     d->ops->unclaim(d, t->name);

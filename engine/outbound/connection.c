@@ -44,7 +44,6 @@
 #include "common/intern.h"
 #include "common/log.h"
 #include "engine/config_gen.h"
-#include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/oob.h"
 #include "engine/outbound/internal.h"
@@ -184,7 +183,7 @@ conn_cli_release(struct conn *c)
 static void
 conn_tlsrpt(struct conn *c, enum tlsrpt_result res)
 {
-    struct mta_sts *m = c->d->e->mta_sts;
+    struct mta_sts *m = delivery_mta_sts(c->d);
     struct tlsrpt *r = m != NULL ? mta_sts_tlsrpt(m) : NULL;
     const struct dns_mx_host *dane = conn_dane(c);
     if (c->tls_reported || r == NULL || (dane == NULL && c->dest->sts == NULL))
@@ -359,8 +358,8 @@ conn_body(struct conn *c)
                 conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
                 return;
             }
-            int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
-                                     BODY_CHUNK, &got);
+            int rc =
+                queue_body_read(c->d->queue, c->job->id, c->body_off, c->chunk, BODY_CHUNK, &got);
             if (rc != 0) {
                 log_msg(LOG_ERR, "conn=%llx event=body_read_failed domain=%s err=\"%s\"",
                         (unsigned long long)c->id, c->dest->name, queue_strerror(rc));
@@ -419,7 +418,7 @@ conn_next(struct conn *c)
         if (what == SCHED_NEXT_IDLE) {
             /* on its site's idle list up to the idle time; a moment when
              * another site waits for its [mx] or [source] slot */
-            uint64_t ms = c->d->e->cfg->delivery.idle_timeout;
+            uint64_t ms = c->d->cfg->delivery.idle_timeout;
             if (c->idle_short && ms > KEY_IDLE_GRACE_MS)
                 ms = KEY_IDLE_GRACE_MS;
             conn_idle_wait(c, ms);
@@ -427,7 +426,7 @@ conn_next(struct conn *c)
         }
         struct dest *t = c->dest;
         struct queue_envelope *env;
-        int erc = queue_envelope_get(c->d->e->queue, j->id, &env);
+        int erc = queue_envelope_get(c->d->queue, j->id, &env);
         if (erc == QUEUE_ENOTFOUND) {
             free(j); /* gone: bounced by an operator, or done before a restart */
             continue;
@@ -442,7 +441,7 @@ conn_next(struct conn *c)
             return;
         }
         /* VERP (oob.h): each recipient has its own sender, so its own transaction. */
-        unsigned maxr = c->d->e->cfg->bounce.verp_domain != NULL && env->sender[0] ? 1 : c->max_rcpt;
+        unsigned maxr = c->d->cfg->bounce.verp_domain != NULL && env->sender[0] ? 1 : c->max_rcpt;
         /* RFC 9422: no more than the server's LIMITS RCPTMAX in one
          * transaction; the rest go back first in line for the next one
          * (the machine would fail them for now, 452 4.5.3, and they would
@@ -541,13 +540,13 @@ conn_next(struct conn *c)
     c->txn.from.len = strlen(env->sender);
     /* The VERP sender's room only on a connection that sends one. */
     int vn = 0;
-    if (c->d->e->cfg->bounce.verp_domain != NULL && env->sender[0] != '\0') {
+    if (c->d->cfg->bounce.verp_domain != NULL && env->sender[0] != '\0') {
         if (c->verp == NULL)
             c->verp = malloc(CONN_VERP_CAP);
-        vn = c->verp == NULL ? -ENOMEM
-                             : oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id,
-                                               c->job->idx[0], c->rc[0].addr.ptr, env->tenant,
-                                               c->verp, CONN_VERP_CAP);
+        vn = c->verp == NULL
+                 ? -ENOMEM
+                 : oob_verp_sender(&c->d->cfg->bounce, env->sender, env->id, c->job->idx[0],
+                                   c->rc[0].addr.ptr, env->tenant, c->verp, CONN_VERP_CAP);
     }
     /* A sender whose domain is in U-labels: its A-labels, for a server
      * without SMTPUTF8 (smtp_client.h). */
@@ -731,7 +730,7 @@ conn_handle(struct conn *c, int ev)
              * another command_timeout, the job waiting for it).
              * conn_flush() closes sooner once drained. */
             bool timed_out = so != NULL && so->reason == SMTP_REASON_TIMEOUT;
-            conn_deadline(c, timed_out ? 1 : c->d->e->cfg->delivery.command_timeout);
+            conn_deadline(c, timed_out ? 1 : c->d->cfg->delivery.command_timeout);
             break;
         }
         if (ev & SMTP_CLIENT_EV_STARTTLS)
@@ -846,7 +845,7 @@ tls_start(struct conn *c)
     char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str) + 68];
     snprintf(key, sizeof(key), "%s:%s@%s", c->mx, c->addr_str, c->src ? c->src->pattern : "");
     /* The engine's current ctx: a reload may have brought other CAs. */
-    struct tls_ctx *ctx = engine_tls_client(c->d->e);
+    struct tls_ctx *ctx = delivery_tls_client(c->d);
     struct tls_conn *tls = NULL;
     int rc = ctx == NULL ? -ENOMEM
              : ntlsa > 0
@@ -1081,7 +1080,7 @@ conn_on_timer(struct timer *tm, void *ctx)
          * it idles on for the rest of idle_timeout */
         c->idle_short = false;
         c->idle_poll = sched_conn_key_polled(c);
-        uint64_t ms = c->d->e->cfg->delivery.idle_timeout;
+        uint64_t ms = c->d->cfg->delivery.idle_timeout;
         conn_idle_wait(c, ms > KEY_IDLE_GRACE_MS ? ms - KEY_IDLE_GRACE_MS : 1);
         return;
     }
@@ -1136,7 +1135,7 @@ conn_on_connect(struct stream *st, int res)
     log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s source=%s pool=%s",
             (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
             c->src_str[0] ? c->src_str : "-",
-            c->dest->pool ? intern_name(c->d->e->names, c->dest->pool) : "-");
+            c->dest->pool ? intern_name(c->d->names, c->dest->pool) : "-");
     int one = 1;
     setsockopt(stream_fd(&c->st), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     /* The EHLO name: the source's (its PTR), else the [source] section of
@@ -1155,7 +1154,7 @@ conn_on_connect(struct stream *st, int res)
         .name = ehlo ? ehlo : c->cfg->server.hostname,
         .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
         .trace_arg = c,
-        .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
+        .tls = !delivery_tls_on(c->d)              ? SMTP_CLIENT_TLS_OFF
                : c->tls_pol == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
                : c->tls_pol == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
                : c->tls_pol == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
@@ -1231,9 +1230,8 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     }
     int lowat = CONN_NOTSENT_LOWAT;
     setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
-    const struct sockaddr_storage *src = addr->sa.sa_family == AF_INET6
-                                             ? &d->e->cfg->delivery.source6
-                                             : &d->e->cfg->delivery.source4;
+    const struct sockaddr_storage *src =
+        addr->sa.sa_family == AF_INET6 ? &d->cfg->delivery.source6 : &d->cfg->delivery.source4;
     struct sockaddr_storage pool_src;
     if (srcpol != NULL) {
         /* A pool's source: its address, of the target's family. */
@@ -1264,10 +1262,10 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     timer_init(&c->timer, conn_on_timer);
     /* What c borrows from a config is of one: srcpol's (of t's pool as
      * this worker sees the config), else the one in force. Harnesses
-     * without generations: e->cfg, which they never replace. */
-    c->cfg_gen = config_gens_of_source(d->e->gens, srcpol, &c->cfg);
+     * without generations: d->cfg, which they never replace. */
+    c->cfg_gen = config_gens_of_source(d->gens, srcpol, &c->cfg);
     if (c->cfg == NULL)
-        c->cfg = d->e->cfg;
+        c->cfg = d->cfg;
     /* Counted from here on: the id, the site, the caps. */
     sched_conn_attach(c, t, host, addr, srcpol, src_id);
     /* The source it is bound to, known before the connect: a failure to
@@ -1275,7 +1273,7 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     if (src->ss_family != AF_UNSPEC)
         netaddr_ip_str((const struct sockaddr *)src, c->src_str, sizeof(c->src_str));
     stream_connect(&c->st, &c->addr.sa, dns_addr_len(&c->addr));
-    conn_deadline(c, d->e->cfg->delivery.connect_timeout);
+    conn_deadline(c, d->cfg->delivery.connect_timeout);
     return c;
 }
 

@@ -12,19 +12,20 @@
  * worker (affinity.c) goes at the next sweep. The same sweep frees the
  * body and reply buffers the worker kept and nobody took since the last
  * one (conn_pool_decay), and hands the free pages of the heap back to the
- * system (malloc_trim: glibc keeps a freed page that is not at the top of
- * its heap, so without it RSS stays at the busiest hour's) once the
- * workers' sweeps freed a megabyte or more since the last trim: at the
- * first sweep after which no worker's sweep freed anything (what churned
- * has stopped), or at most once a minute while they go on freeing. A
- * trim walks every arena's free chunks, 3 to 15 ms after a wave of tens
- * of thousands of destinations, while this worker's loop waits.
+ * system (delivery_trim in engine/delivery.c, as the engine's counters of
+ * every worker's sweeps say: malloc_trim, since glibc keeps a freed page
+ * that is not at the top of its heap, so without it RSS stays at the
+ * busiest hour's) once the workers' sweeps freed a megabyte or more since
+ * the last trim: at the first sweep after which no worker's sweep freed
+ * anything (what churned has stopped), or at most once a minute while
+ * they go on freeing. A trim walks every arena's free chunks, 3 to 15 ms
+ * after a wave of tens of thousands of destinations, while this worker's
+ * loop waits.
  *
  * What a destination does next (resolve, open, hand a job to a
  * connection, fail its jobs) is outbound/scheduler.c's: dest_run.
  *
- * Threading: the worker's thread; the trim's state (e->freed_untrimmed,
- * e->trimmed_at) every worker's, atomic.
+ * Threading: the worker's thread.
  */
 #include <limits.h>
 #include <stdatomic.h>
@@ -32,16 +33,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __GLIBC__ /* (defined by the headers above) */
-#include <malloc.h>
-#endif
 
 #include "common/clock.h"
 #include "common/hash.h"
 #include "common/idn.h"
 #include "common/intern.h"
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/mta_sts.h"
 #include "engine/outbound/internal.h"
 
@@ -49,8 +46,6 @@
 #define SWEEP_READS    256  /* expiries read from the spool per sweep of a destination
                              * whose connections take its jobs (dest_on_sweep) */
 #define SWEEP_JOBS_PER_MS 10 /* ... and its waiting jobs per ms between its sweeps */
-#define TRIM_MIN_BYTES ((size_t)1 << 20) /* freed since the last malloc_trim, for another */
-#define TRIM_EVERY_MS  60000             /* ... at most this often while sweeps free */
 
 static void dest_on_hold(struct timer *t, void *ctx);
 static void dest_on_sweep(struct timer *t, void *ctx);
@@ -100,8 +95,8 @@ dest_eq(const struct hash_node *n, const void *key)
 static const struct pool_config *
 dest_poolc(const struct delivery *d, uint32_t pool)
 {
-    const char *name = intern_name(d->e->names, pool);
-    return name ? config_pool(d->e->cfg, name, strlen(name)) : NULL;
+    const char *name = intern_name(d->names, pool);
+    return name ? config_pool(d->cfg, name, strlen(name)) : NULL;
 }
 
 struct dest *
@@ -133,7 +128,7 @@ dest_get_for(struct delivery *d, const char *name, uint32_t pool, bool tls_relax
     t->pool = pool;
     t->tls_relaxed = tls_relaxed;
     t->poolc = pool ? dest_poolc(d, pool) : NULL;
-    t->pol = config_domain(d->e->cfg, name);
+    t->pol = config_domain(d->cfg, name);
     fairq_init(&t->q, dest_tenant_weight, d);
     timer_init(&t->hold_timer, dest_on_hold);
     timer_init(&t->sweep_timer, dest_on_sweep);
@@ -143,7 +138,7 @@ dest_get_for(struct delivery *d, const char *name, uint32_t pool, bool tls_relax
     /* The domain's limits hold per destination: each pool (its own
      * sending addresses) has them whole, as receivers count per address. */
     char lname[LIMIT_KEY_MAX];
-    const char *pname = pool ? intern_name(d->e->names, pool) : NULL;
+    const char *pname = pool ? intern_name(d->names, pool) : NULL;
     if (pname == NULL)
         snprintf(lname, sizeof(lname), "%s", name);
     else if ((size_t)snprintf(lname, sizeof(lname), "%s|%s", name, pname) >= sizeof(lname))
@@ -261,38 +256,6 @@ dest_evictable(const struct dest *t, uint64_t now)
            t->lim.nleases == 0 && t->untold == 0;
 }
 
-/* A sweep freed about bytes (its destinations' structs and its pooled
- * buffers; their names, answers and sites are not counted): the heap's
- * free pages go back to the system when the workers freed enough since
- * the last trim, and no sweep of any worker freed anything since the
- * last one looked (what churned has stopped: the count is as that sweep
- * left it), or the last trim is a minute old. The counter is taken whole
- * (compare-exchange) by the one sweep that trims; another's bytes added
- * meanwhile wait for the next. */
-static void
-dest_trim(struct engine *e, size_t bytes, uint64_t now)
-{
-#ifdef __GLIBC__
-    size_t pending = atomic_fetch_add(&e->freed_untrimmed, bytes) + bytes;
-    size_t seen = atomic_exchange(&e->freed_seen, pending);
-    if (pending < TRIM_MIN_BYTES)
-        return;
-    bool quiet = bytes == 0 && seen == pending;
-    uint64_t last = atomic_load(&e->trimmed_at);
-    if (!quiet && last != 0 && now - last < MS_TO_NS(TRIM_EVERY_MS))
-        return;
-    if (!atomic_compare_exchange_strong(&e->freed_untrimmed, &pending, 0))
-        return;
-    atomic_store(&e->trimmed_at, now);
-    uint64_t t0 = clock_mono_ns();
-    malloc_trim(0);
-    log_msg(LOG_INFO, "event=memory_trimmed freed_kb=%zu us=%llu", pending / 1024,
-            (unsigned long long)((clock_mono_ns() - t0) / 1000));
-#else
-    (void)e, (void)bytes, (void)now;
-#endif
-}
-
 /* Every EVICT_SWEEP_MS: drop the destinations idle for
  * [delivery] destination_idle_ttl, oldest first, and before them the
  * husks of domains that moved to another worker (dest_moved: the oldest
@@ -305,7 +268,7 @@ dest_on_evict(struct timer *tm, void *ctx)
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, evict_timer));
     if (d->stopping)
         return;
-    uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
+    uint64_t now = d->w->now, ttl = MS_TO_NS(d->cfg->delivery.destination_idle_ttl);
     size_t budget = d->dest_lru.n, freed = 0;
     struct lru_node *x;
     /* Husks not evictable yet (a TXT lookup still out): looked at again
@@ -339,7 +302,7 @@ dest_on_evict(struct timer *tm, void *ctx)
     size_t bytes = freed * sizeof(struct dest) +
                    conn_pool_decay(&d->chunk_pool) * d->chunk_pool.size +
                    conn_pool_decay(&d->cli_pool) * d->cli_pool.size;
-    dest_trim(d->e, bytes, now);
+    delivery_trim(d, bytes, now);
     scope_count_paused(d);
     if (!d->stopping)
         worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
@@ -373,10 +336,10 @@ dest_tenant_weight(void *ctx, uint32_t tenant)
     struct tenant_weight *tw = &d->tweights[tenant % (sizeof(d->tweights) / sizeof(d->tweights[0]))];
     if (tw->id == tenant)
         return tw->weight;
-    const char *name = intern_name(d->e->names, tenant);
+    const char *name = intern_name(d->names, tenant);
     /* A tenant a reload removed keeps its mail flowing at weight 1. */
     const struct tenant_config *tc =
-        name != NULL ? config_tenant(d->e->cfg, name, strlen(name)) : NULL;
+        name != NULL ? config_tenant(d->cfg, name, strlen(name)) : NULL;
     tw->id = tenant;
     tw->weight = tc != NULL && tc->weight > 0 ? tc->weight : 1;
     return tw->weight;
@@ -506,7 +469,7 @@ dest_enqueue(struct dest *t, struct job *j)
 unsigned
 dest_port(const struct dest *t)
 {
-    return t->pol->route_port ? t->pol->route_port : t->d->e->cfg->delivery.remote_port;
+    return t->pol->route_port ? t->pol->route_port : t->d->cfg->delivery.remote_port;
 }
 
 void
@@ -755,7 +718,7 @@ dest_on_sweep(struct timer *tm, void *ctx)
                 continue;
             if (reads != 0 && reads != UINT_MAX)
                 reads--;
-            if (queue_envelope_get(d->e->queue, j->id, &env) != 0)
+            if (queue_envelope_get(d->queue, j->id, &env) != 0)
                 continue; /* gone or unreadable: conn_next drops what is gone */
             j->expire_ms = job_expire_ms(t->pol, env, j->id);
         }
@@ -763,7 +726,7 @@ dest_on_sweep(struct timer *tm, void *ctx)
             queue_envelope_free(env);
             continue;
         }
-        int erc = env == NULL ? queue_envelope_get(d->e->queue, j->id, &env) : 0;
+        int erc = env == NULL ? queue_envelope_get(d->queue, j->id, &env) : 0;
         if (erc != 0) {
             /* Gone: dropped. Unreadable now: kept for the next sweep, as
              * freeing it would leave its recipient to a restart. */

@@ -49,7 +49,6 @@
 #include "common/clock.h"
 #include "common/intern.h"
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/shaping.h"
 #include "engine/warmup.h"
@@ -79,7 +78,7 @@ mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_
         return; /* a pattern gone after a reload: no limit */
     /* Without Redis each worker holds its part of the rates: the domains
      * behind one MX are spread over the workers. */
-    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    unsigned share = d->cfg->redis.url == NULL ? d->nworkers : 1;
     unsigned me = d->w != NULL ? d->w->id : 0;
     lc->msg_rate = rate_part(m->max_message_rate, share);
     lc->msg_burst = limits_part(m->message_burst, share, me);
@@ -93,7 +92,7 @@ mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_
     /* Every worker holds the key: with Redis, while it is away each keeps
      * its share of the node's share; without, the cap is counted for the
      * node (limits.h). */
-    lc->spread = d->e->nworkers;
+    lc->spread = d->nworkers;
 }
 
 void
@@ -171,9 +170,9 @@ dest_mxkey(struct dest *t)
         return t->mxk;
     t->mxk_for = t->mx;
     t->mxk = NULL;
-    if (t->mx == NULL || t->mx->nhosts == 0 || d->e->cfg->nmxs == 0)
+    if (t->mx == NULL || t->mx->nhosts == 0 || d->cfg->nmxs == 0)
         return NULL;
-    const struct mx_policy *m = config_mx(d->e->cfg, t->mx->hosts[0].name);
+    const struct mx_policy *m = config_mx(d->cfg, t->mx->hosts[0].name);
     if (m == NULL)
         return NULL;
     return t->mxk = mxkey_get(d, "mx:", m);
@@ -186,11 +185,11 @@ src_key(struct delivery *d, const struct mx_policy *src, int fam)
 {
     if (src != NULL)
         return mxkey_get(d, "src:", src);
-    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct delivery_config *dc = &d->cfg->delivery;
     const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
-    if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
+    if (d->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
         return NULL;
-    const struct mx_policy *m = config_source(d->e->cfg, (const struct sockaddr *)ss);
+    const struct mx_policy *m = config_source(d->cfg, (const struct sockaddr *)ss);
     if (m == NULL)
         return NULL;
     return mxkey_get(d, "src:", m);
@@ -332,7 +331,7 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
          * ever: its connection, resumed and idle again each time,
          * never reached its idle_timeout either. A token booked but
          * not yet due (no request in flight) is t's timer's. */
-        if (t->d->e->cfg->redis.url == NULL) {
+        if (t->d->cfg->redis.url == NULL) {
             /* Without [redis], a cap counted for the node refused t with
              * a poll time (limits_key_node_wide): another worker holds
              * slots, whose ends wake nothing here. t also waits on the
@@ -430,7 +429,7 @@ static bool
 key_shared_cap(const struct delivery *d, const struct mxkey *k)
 {
     return k != NULL && k->lim.conf.max_connections != 0 &&
-           (d->e->cfg->redis.url != NULL || limits_key_node_wide(&k->lim));
+           (d->cfg->redis.url != NULL || limits_key_node_wide(&k->lim));
 }
 
 bool
@@ -513,7 +512,7 @@ dest_src_ids(struct dest *t)
         return NULL;
     for (unsigned i = 0; i < t->poolc->nsources; i++) {
         const struct pool_source *ps = &t->poolc->sources[i];
-        ids[i] = ps->source != NULL ? intern_id(t->d->e->names, ps->source->pattern) : 0;
+        ids[i] = ps->source != NULL ? intern_id(t->d->names, ps->source->pattern) : 0;
     }
     t->src_ids = ids;
     t->src_ids_for = t->poolc;
@@ -535,13 +534,12 @@ dest_shaping(struct dest *t, uint32_t src_id, const char *mx, struct shaping_ver
              uint64_t *recheck)
 {
     struct delivery *d = t->d;
-    struct engine *e = d->e;
     memset(v, 0, sizeof(*v));
-    if (e->shaping == NULL)
+    if (d->shaping == NULL)
         return false;
-    const char *src = src_id != 0 ? intern_name(e->names, src_id) : "";
+    const char *src = src_id != 0 ? intern_name(d->names, src_id) : "";
     uint64_t now_ms = clock_unix_ms();
-    if (!shaping_check(e->shaping, e->cfg->shaping_rules, src ? src : "", mx, t->name, now_ms, v))
+    if (!shaping_check(d->shaping, d->cfg->shaping_rules, src ? src : "", mx, t->name, now_ms, v))
         return false;
     *recheck = d->w->now + MS_TO_NS(v->recheck_ms > now_ms ? v->recheck_ms - now_ms : 1);
     return true;
@@ -572,18 +570,18 @@ shaping_bounce(struct dest *t, const char *mx)
 bool
 sched_shaping_bounces(struct dest *t, const struct job *j)
 {
-    struct engine *e = t->d->e;
-    if (e->shaping == NULL)
+    struct delivery *d = t->d;
+    if (d->shaping == NULL)
         return false;
     const char *mx = t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
     uint64_t now_ms = clock_unix_ms();
     struct shaping_verdict v;
-    if (shaping_check(e->shaping, e->cfg->shaping_rules, "", mx, t->name, now_ms, &v) && v.bounce)
+    if (shaping_check(d->shaping, d->cfg->shaping_rules, "", mx, t->name, now_ms, &v) && v.bounce)
         return true;
     struct shaping_tenant_verdict tv;
     return j->owner.tenant != 0 && mx != NULL &&
-           shaping_tenant_check(e->shaping, e->cfg->shaping_rules,
-                                intern_name(e->names, j->owner.tenant), mx, now_ms, &tv) &&
+           shaping_tenant_check(d->shaping, d->cfg->shaping_rules,
+                                intern_name(d->names, j->owner.tenant), mx, now_ms, &tv) &&
            tv.bounce;
 }
 
@@ -635,7 +633,7 @@ source_rr_peek(struct dest *t, const unsigned *idx, unsigned n, const uint32_t *
     out->rr_pick = pick;
     const struct mx_policy *src = t->poolc->sources[pick].source;
     out->src = src;
-    out->id = ids != NULL ? ids[pick] : intern_id(t->d->e->names, src->pattern);
+    out->id = ids != NULL ? ids[pick] : intern_id(t->d->names, src->pattern);
 }
 
 void
@@ -697,7 +695,7 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
             out->other_family = true;
             continue;
         }
-        uint32_t id = ids != NULL ? ids[i] : intern_id(d->e->names, ps->source->pattern);
+        uint32_t id = ids != NULL ? ids[i] : intern_id(d->names, ps->source->pattern);
         if (id == 0 || scope_suspended(d, SCOPE_SOURCE, id, now))
             continue;
         if (!shaping_may_open(t, id, mx, &wait))
@@ -714,8 +712,8 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
         if (ss->shaped_until > now && ss->conns > 0)
             continue; /* slowed by a shaping rate: one connection carries it, the
                        * others go from sources that may go at full rate */
-        if (warmup_left(d->e->warmup, ps->source->pattern, mx, now_ms) == 0) {
-            uint64_t next = warmup_next_day_ms(d->e->warmup, ps->source->pattern, mx, now_ms);
+        if (warmup_left(d->warmup, ps->source->pattern, mx, now_ms) == 0) {
+            uint64_t next = warmup_next_day_ms(d->warmup, ps->source->pattern, mx, now_ms);
             uint64_t at = now + MS_TO_NS(next > now_ms ? next - now_ms : HOLD_MIN_MS);
             wait = at < wait ? at : wait;
             continue;
@@ -740,7 +738,7 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
          * there while that source may go (else it is greylisted again). */
         for (unsigned k = 0; k < ncand; k++) {
             const struct pool_source *ps = &t->poolc->sources[cand[k]];
-            uint32_t id = ids != NULL ? ids[cand[k]] : intern_id(d->e->names, ps->source->pattern);
+            uint32_t id = ids != NULL ? ids[cand[k]] : intern_id(d->names, ps->source->pattern);
             if (id == t->grey_src) {
                 out->src = ps->source;
                 out->id = id;
@@ -810,7 +808,7 @@ source_may_send(struct conn *c)
         const struct pool_source *ps = &t->poolc->sources[i];
         if (ps->weight == 0 || ps->source == NULL)
             continue;
-        uint32_t id = ids != NULL ? ids[i] : intern_id(d->e->names, ps->source->pattern);
+        uint32_t id = ids != NULL ? ids[i] : intern_id(d->names, ps->source->pattern);
         struct site_source *ss = NULL;
         for (unsigned k = 0; k < c->site->nsrc; k++)
             if (c->site->src[k].id == id)
@@ -845,7 +843,7 @@ sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t, unsi
     const struct limit_conf *dc = &t->lim.conf;
     /* With Redis every worker's key draws on one budget; while Redis is
      * away each keeps its share of the node's share. */
-    unsigned spread = d->e->cfg->redis.url != NULL ? d->e->nworkers : 1;
+    unsigned spread = d->cfg->redis.url != NULL ? d->nworkers : 1;
     if (k->lim.conf.msg_rate.count != dc->msg_rate.count ||
         k->lim.conf.msg_rate.per_ms != dc->msg_rate.per_ms ||
         k->lim.conf.msg_burst != dc->msg_burst || k->lim.conf.spread != spread) {
@@ -856,7 +854,7 @@ sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t, unsi
         lc.spread = spread;
         limits_key_set(d->lim, &k->lim, &lc);
     }
-    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    unsigned share = d->cfg->redis.url == NULL ? d->nworkers : 1;
     limits_key_shape(d->lim, &k->lim, permille, interval_ns * (share ? share : 1));
 }
 
@@ -878,7 +876,7 @@ shaping_source_rate(struct conn *c, const struct shaping_verdict *v, uint64_t un
         c->shk = NULL;
         return;
     }
-    const char *src = c->src_id != 0 ? intern_name(d->e->names, c->src_id) : NULL;
+    const char *src = c->src_id != 0 ? intern_name(d->names, c->src_id) : NULL;
     struct mxkey *k = sched_shape_key(d, src != NULL ? src : "default", v->src_rate_group);
     if (k != c->shk && c->shk != NULL)
         limits_key_shape(d->lim, &c->shk->lim, 0, 0);
@@ -963,7 +961,7 @@ source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *m
     log_msg(LOG_NOTICE,
             "conn=%llx event=source_held source=%s domain=%s site=%s for_ms=%llu holds=%u "
             "reason=%s",
-            conn, intern_name(d->e->names, src_id), t->name, site->key, (unsigned long long)ms,
+            conn, intern_name(d->names, src_id), t->name, site->key, (unsigned long long)ms,
             ss->holds, why);
     struct source_pick pk;
     if (hold_dest && t->site == site && dest_source(t, mx, AF_UNSPEC, &pk) == 0 && pk.all_held &&
@@ -972,7 +970,7 @@ source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *m
         log_msg(LOG_NOTICE,
                 "conn=%llx event=destination_held domain=%s pool=%s for_ms=%llu "
                 "reason=every_source_held",
-                conn, t->name, intern_name(d->e->names, t->pool), (unsigned long long)rest);
+                conn, t->name, intern_name(d->names, t->pool), (unsigned long long)rest);
         dest_hold(t, rest);
     }
 }

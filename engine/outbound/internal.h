@@ -55,6 +55,10 @@
  * The scheduler calls out (DNS, opening a connection, resuming an idle
  * one, failing jobs) only through struct outbound_ops, so that its unit
  * test feeds answers and connection results and watches its choices.
+ * No file of engine/outbound/ reads struct engine (none includes
+ * engine/engine.h): engine/delivery.c gives them what they use of it, as
+ * fields of struct delivery (cfg to started_ms, taken again at a reload)
+ * and as the calls under "between the engine and the outbound side".
  *
  * Threading: everything on the owning worker's thread.
  */
@@ -272,7 +276,7 @@ struct conn {
                                * config of src, or the one in force when c opened without
                                * one; its client's EHLO name and timeout table are of it */
     uint64_t cfg_gen;     /* cfg's generation */
-    uint32_t src_id;      /* the source's name id (e->names), 0: the default source */
+    uint32_t src_id;      /* the source's name id (d->names), 0: the default source */
     struct conn *prev_all, *next_all; /* every connection of the worker */
 
     struct job *job;      /* owned: the job in flight, or NULL */
@@ -372,7 +376,7 @@ struct dest {
     struct delivery *d;
     /* A destination is (domain, pool): mail of one pool leaves only
      * through that pool's sources, on sites of its own. */
-    uint32_t pool;           /* the pool's name id (e->names); 0: none, the default source */
+    uint32_t pool;           /* the pool's name id (d->names); 0: none, the default source */
     bool tls_relaxed;        /* and of messages delivered despite TLS failures (TLS
                               * reports, RFC 8460 3: job_owner.tls_relaxed), a destination
                               * of their own: opportunistic TLS (or off), never MTA-STS,
@@ -512,7 +516,27 @@ struct dest {
 };
 
 struct delivery {
-    struct engine *e;  /* borrowed */
+    struct engine *e; /* borrowed: read by engine/delivery.c and delivery_due.c
+                       * alone, which give the files of engine/outbound/ what
+                       * they use of it (the fields below, and the calls
+                       * "between the engine and the outbound side") */
+    /* What the outbound side uses of the engine, taken by delivery_new,
+     * again by delivery_start (every worker made: nworkers) and at each
+     * reload (delivery_reconfigure, on this worker's thread while the main
+     * thread waits for it, so cfg is the config this worker took up, not
+     * one swapped under it): delivery_env_take. */
+    const struct config *cfg;  /* borrowed */
+    struct intern *names;      /* borrowed: pools, sources and tenants by id */
+    struct queue *queue;       /* borrowed: the spool */
+    struct dlog_writer *dlog;  /* borrowed: this worker's writer of the delivery
+                                * log and the events; NULL: neither */
+    struct events *events;     /* borrowed; NULL: no event sinks */
+    struct suppress *suppress; /* borrowed; NULL: no suppression list */
+    struct warmup *warmup;     /* borrowed: warm-up plans */
+    struct shaping *shaping;   /* borrowed; NULL: no traffic shaping */
+    struct config_gens *gens;  /* borrowed: the configs in use (config_gen.h) */
+    unsigned nworkers;
+    uint64_t started_ms; /* the node's start, wall clock (DSN message ids) */
     unsigned lift_gen; /* delivery_lift_holds' calls, to mark the sites of one (site.h) */
     struct worker *w;  /* borrowed */
     struct tls_cache *tls_cache; /* owned: client sessions of this worker, per MX */
@@ -862,9 +886,9 @@ void dest_open_failed(struct dest *t, const struct open_fail *why);
 
 /* ---- outbound/scheduler.c ---- */
 
-/* The worker's sites (counting per address in the node's table,
- * e->site_addrs, or their own without one) and destinations; -ENOMEM. */
-int sched_init(struct delivery *d);
+/* The worker's sites (counting per address in the node's table shared,
+ * or in their own when NULL) and destinations; -ENOMEM. */
+int sched_init(struct delivery *d, struct site_addrs *shared);
 /* On the worker's thread: the eviction sweep starts. */
 void sched_start(struct delivery *d);
 /* The worker stops: timers and lookups of the destinations go now. */
@@ -1339,6 +1363,27 @@ unsigned outcome_pending_log(const struct delivery *d);
  * of the worker's heap, then freed (the next start's outcomes send them). */
 void outcome_delay_cancel(struct delivery *d);
 void outcome_delay_free(struct delivery *d);
+
+/* ---- engine/delivery.c: between the engine and the outbound side ---- */
+
+/* d's fields of what the outbound side uses of the engine (struct
+ * delivery), taken from d->e now. */
+void delivery_env_take(struct delivery *d);
+/* The engine's MTA-STS store, NULL: off. Asked each time: a reload may
+ * start it after the workers took the new config up. */
+struct mta_sts *delivery_mta_sts(const struct delivery *d);
+/* A reference to the engine's client TLS context (a reload may swap it:
+ * its CAs), NULL: no memory; whether there is one at all. */
+struct tls_ctx *delivery_tls_client(struct delivery *d);
+bool delivery_tls_on(const struct delivery *d);
+/* A DSN made here, durable in the spool: to the worker its recipient's
+ * domain goes from (delivery_submit_local). */
+void delivery_submit_dsn(struct delivery *d, uint64_t id, const char *rcpt, const char *tenant,
+                         const char *pool, const char *campaign);
+/* A sweep of d's destinations freed about bytes: the heap's free pages
+ * go back to the system when the engine's counters of every worker's
+ * sweeps say so (delivery.c). */
+void delivery_trim(struct delivery *d, size_t bytes, uint64_t now);
 
 /* ---- engine/delivery.c ---- */
 

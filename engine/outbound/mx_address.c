@@ -24,7 +24,6 @@
 #include <sys/socket.h>
 
 #include "common/hash.h"
-#include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 
@@ -284,7 +283,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
 {
     struct delivery *d = t->d;
     uint32_t owner = dest_addr_owner(t);
-    unsigned cap = d->e->cfg->delivery.max_connections_per_address;
+    unsigned cap = d->cfg->delivery.max_connections_per_address;
     union dns_addr k;
     dest_addr_port(t, *addr, &k);
     if (t->site != NULL && t->site->conns + 1 >= SITE_BUSY_CONNS)
@@ -347,7 +346,7 @@ slot_give_back(struct delivery *d)
 unsigned
 dest_addr_cap(const struct dest *t)
 {
-    unsigned cap = t->d->e->cfg->delivery.max_connections_per_address;
+    unsigned cap = t->d->cfg->delivery.max_connections_per_address;
     if (cap == 0 || t->mx == NULL || t->mx->nhosts == 0)
         return 0;
     /* The addresses of the failover cursor's preference that may be

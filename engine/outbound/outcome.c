@@ -58,7 +58,6 @@
 #include "common/log.h"
 #include "engine/dlog.h"
 #include "engine/dsn.h"
-#include "engine/engine.h"
 #include "engine/msa.h"
 #include "engine/shaping.h"
 #include "engine/outbound/internal.h"
@@ -169,10 +168,10 @@ outcome_submit(struct outcome_batch *b)
     if (b->dsn != NULL)
         dsn_msg_envelope(b->dsn, &denv, &drcpt, &dbody);
     /* the lines go in the commit for the event sinks (queue.h, "events") */
-    bool sinks = d->e->events != NULL && b->events_len > 0;
+    bool sinks = d->events != NULL && b->events_len > 0;
     for (size_t i = 0; i < b->n; i++)
         b->applied[i] = false;
-    int rc = queue_update_enqueue_events(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
+    int rc = queue_update_enqueue_events(d->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
                                          &dbody, b->dsn ? 1 : 0, sinks ? b->events : NULL,
                                          sinks ? b->events_len : 0, sinks ? b->ev_lines : NULL,
                                          b->applied, outcome_done, b);
@@ -214,10 +213,10 @@ lines_len(const char *text, size_t len, size_t off, unsigned lines)
 static void
 outcome_lines(struct delivery *d, const char *text, size_t len)
 {
-    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    struct dlog_writer *lw = d->dlog;
     if (len == 0 || lw == NULL)
         return;
-    if (d->e->events != NULL)
+    if (d->events != NULL)
         dlog_line(lw, text, len);
     else
         dlog_told(lw, text, len);
@@ -272,7 +271,7 @@ static void
 outcome_tell(struct outcome_batch *b, bool dsn_told)
 {
     struct delivery *d = b->d;
-    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    struct dlog_writer *lw = d->dlog;
     struct stats_tenant *ten =
         b->info.tenant[0] != '\0' ? stats_tenant_get(&d->tenants, b->info.tenant) : NULL;
     struct owner_count *oc_p = b->info.pool ? owner_count(d, SCOPE_POOL, b->info.pool) : NULL;
@@ -458,8 +457,8 @@ str_put(char **t, const char *p)
 static bool
 outcome_note_may(const struct delivery *d, const struct outcome_tell *tl)
 {
-    return d->e->suppress != NULL && tl->kind == DLOG_BOUNCE && tl->addr != NULL &&
-           tl->rcpt_named && tl->cls == BOUNCE_INVALID_RECIPIENT;
+    return d->suppress != NULL && tl->kind == DLOG_BOUNCE && tl->addr != NULL && tl->rcpt_named &&
+           tl->cls == BOUNCE_INVALID_RECIPIENT;
 }
 
 static int
@@ -470,8 +469,8 @@ outcome_note(struct delivery *d, const struct queue_outcome *qo, const struct ou
         return 0;
     /* a held failure's reply begins with its DSN entry (outcome_held_reply) */
     const char *text = qo->reply != NULL ? qo->reply + tl->reply_skip : NULL;
-    int len = suppress_note_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
-                                   text, buf);
+    int len =
+        suppress_note_bounce(d->suppress, NULL, tl->addr, (enum bounce_class)tl->cls, text, buf);
     if (len < 0)
         log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> err=\"%s\"", tl->addr,
                 strerror(-len));
@@ -575,8 +574,7 @@ rng_next(struct delivery *d)
 static uint64_t
 retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts, uint64_t rnd)
 {
-    return policy_retry_delay(&pol->retry_schedule, attempts, d->e->cfg->delivery.retry_jitter,
-                              rnd);
+    return policy_retry_delay(&pol->retry_schedule, attempts, d->cfg->delivery.retry_jitter, rnd);
 }
 
 /* When the recipients of id give up: max_age after arrival, or earlier
@@ -598,7 +596,7 @@ job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf
     for (unsigned i = 0; i < lc->nheaders; i++)
         vals[i] = NULL;
     size_t len = 0;
-    if (lc->nheaders == 0 || queue_body_read(d->e->queue, id, 0, buf, cap - 1, &len) != 0)
+    if (lc->nheaders == 0 || queue_body_read(d->queue, id, 0, buf, cap - 1, &len) != 0)
         return;
     buf[len] = '\0';
     for (char *line = buf; *line != '\0' && *line != '\r' && *line != '\n';) {
@@ -649,7 +647,7 @@ outcome_dsn_event(struct delivery *d, const struct dsn_msg *m, const struct dsn_
                             .tenant = m->tenant[0] ? m->tenant : NULL,
                             .campaign = m->campaign[0] ? m->campaign : NULL,
                             .pool = m->pool[0] ? m->pool : NULL};
-    dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
+    dlog_event(d->dlog, &ev);
     free(dr);
 }
 
@@ -668,7 +666,7 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     if (d->stopping)
         return;
     /* a DSN is its tenant's mail, through its pool, at no priority */
-    delivery_submit_local(d->e, m->id, m->rcpt, m->tenant, m->pool, m->campaign, false);
+    delivery_submit_dsn(d, m->id, m->rcpt, m->tenant, m->pool, m->campaign);
 }
 
 /* The DSN for the recipients r[0..n) of env to its sender, to be
@@ -677,7 +675,7 @@ struct dsn_msg *
 outcome_dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
          unsigned n)
 {
-    const struct config *cfg = d->e->cfg;
+    const struct config *cfg = d->cfg;
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(env->id, qid);
     /* RET=FULL is for a failure (dsn_build): a delay warning or a success
@@ -689,7 +687,7 @@ outcome_dsn_make(struct delivery *d, const struct queue_envelope *env, const str
     size_t want = full || env->body_len < DSN_HEADERS_READ ? env->body_len : DSN_HEADERS_READ;
     char *orig = malloc(want ? want : 1);
     size_t got = 0;
-    if (orig == NULL || queue_body_read(d->e->queue, env->id, 0, orig, want, &got) != 0)
+    if (orig == NULL || queue_body_read(d->queue, env->id, 0, orig, want, &got) != 0)
         got = 0;
     char from[300], msgid[400];
     snprintf(from, sizeof(from), "%s@%s", cfg->bounce.dsn_from, cfg->server.hostname);
@@ -699,7 +697,7 @@ outcome_dsn_make(struct delivery *d, const struct queue_envelope *env, const str
      * DSNs with one Message-ID are one to a receiver that drops
      * duplicates. */
     snprintf(msgid, sizeof(msgid), "%s.dsn%llu.%llx.w%u@%s", qid, (unsigned long long)++d->dsn_seq,
-             (unsigned long long)d->e->started_ms, d->w->id, cfg->server.hostname);
+             (unsigned long long)d->started_ms, d->w->id, cfg->server.hostname);
     struct dsn_input in = {
         .reporting_mta = cfg->server.hostname,
         .from_addr = from,
@@ -722,7 +720,7 @@ outcome_dsn_make(struct delivery *d, const struct queue_envelope *env, const str
         .nrcpt = n,
     };
     struct dsn_msg *m = NULL;
-    int rc = dsn_msg_new(&in, env, queue_id_next(d->e->queue), &m);
+    int rc = dsn_msg_new(&in, env, queue_id_next(d->queue), &m);
     if (rc != 0)
         log_msg(LOG_ERR, "id=%s event=dsn_failed err=\"%s\"", qid,
                 dsn_msg_strerror(rc, &in, env));
@@ -789,7 +787,7 @@ outcome_again(struct outcome_batch *b)
     }
     struct queue_envelope *env = NULL;
     if (remake && ndsn > 0) {
-        int erc = queue_envelope_get(d->e->queue, b->o[0].id, &env);
+        int erc = queue_envelope_get(d->queue, b->o[0].id, &env);
         if (erc != 0 && erc != QUEUE_ENOTFOUND)
             return erc;
         /* gone: every recipient is done now, the outcomes are stale */
@@ -833,7 +831,7 @@ outcome_again(struct outcome_batch *b)
         if (off < b->events_len)
             json_raw(&ev, b->events + off, b->events_len - off);
     } else if (nd > 0 && (dm = outcome_dsn_make(d, env, dr, nd)) != NULL) {
-        struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+        struct dlog_writer *lw = d->dlog;
         dlog_capture(lw, &ev, false);
         outcome_dsn_event(d, dm, dr, nd);
         dlog_capture(lw, NULL, false);
@@ -882,9 +880,8 @@ void
 outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
                 uint32_t tenant, const struct smtp_outcome *o)
 {
-    struct engine *e = d->e;
-    const struct config *cfg = e->cfg;
-    if (e->shaping == NULL || cfg->shaping_rules == NULL || o->code < 400 || o->code > 599)
+    const struct config *cfg = d->cfg;
+    if (d->shaping == NULL || cfg->shaping_rules == NULL || o->code < 400 || o->code > 599)
         return;
     struct shaping_reply rep = {
         .code = o->code,
@@ -895,9 +892,9 @@ outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src
         .mx = mx,
         .domain = t->name,
     };
-    const char *source = src_id != 0 ? intern_name(e->names, src_id) : "";
-    const char *ten = tenant != 0 ? intern_name(e->names, tenant) : NULL;
-    shaping_on_reply(e->shaping, cfg->shaping_rules, &rep, source ? source : "", ten);
+    const char *source = src_id != 0 ? intern_name(d->names, src_id) : "";
+    const char *ten = tenant != 0 ? intern_name(d->names, tenant) : NULL;
+    shaping_on_reply(d->shaping, cfg->shaping_rules, &rep, source ? source : "", ten);
 }
 
 /* Report the outcome of every recipient of job (from the transaction, or
@@ -910,7 +907,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
            const struct smtp_client_rcpt *rc, const struct smtp_outcome *all,
            const struct outcome_where *where)
 {
-    const struct config *cfg = d->e->cfg;
+    const struct config *cfg = d->cfg;
     /* The TLS policy the delivery was under (the delivery log's tls_policy). */
     const char *tls_policy =
         where->tls_policy != NULL ? where->tls_policy : dest_tls_policy_str(t, dest_tls(t));
@@ -946,7 +943,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     queue_id_str(j->id, qid);
     uint64_t now = clock_unix_ms();
     uint64_t expire = job_expire_ms(t->pol, env, j->id);
-    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    struct dlog_writer *lw = d->dlog;
     const char *hvals[DLOG_HEADERS_MAX];
     char *hbuf = NULL;
     unsigned nhdr = lw != NULL ? cfg->log.nheaders : 0;
@@ -1264,7 +1261,7 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
         env = d->fail_env; /* read for another job of the message in this pass */
     else {
         queue_envelope_free(d->fail_env);
-        erc = queue_envelope_get(d->e->queue, j->id, &env);
+        erc = queue_envelope_get(d->queue, j->id, &env);
     }
     d->fail_env = NULL; /* env is this call's until it is kept again (below) */
     if (erc == QUEUE_ENOTFOUND) {

@@ -35,7 +35,6 @@
 #include "engine/config.h"
 #include "engine/dlog.h"
 #include "engine/dsn.h"
-#include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/outbound/outcome_int.h"
 #include "engine/outbound/policy.h"
@@ -156,7 +155,7 @@ delay_wanted(const struct queue_rcpt *r)
 bool
 outcome_delay_due(const struct delivery *d, const struct queue_envelope *env, uint64_t now)
 {
-    const struct config *cfg = d->e->cfg;
+    const struct config *cfg = d->cfg;
     if (env == NULL || env->delay_warned || env->sender[0] == '\0' || !cfg->bounce.dsn ||
         cfg->bounce.delay_warning == 0 || now < env->arrival_ms + cfg->bounce.delay_warning)
         return false;
@@ -187,11 +186,11 @@ void
 outcome_delay_check(struct delivery *d, struct dest *t, uint64_t id,
                     const struct outcome_info *info, const struct outcome_batch *b)
 {
-    const struct config *cfg = d->e->cfg;
+    const struct config *cfg = d->cfg;
     struct queue_envelope *env = NULL;
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(id, qid);
-    int rc = queue_envelope_get(d->e->queue, id, &env);
+    int rc = queue_envelope_get(d->queue, id, &env);
     if (rc != 0) {
         /* gone: every recipient is done, nobody to warn; unreadable: the
          * next deferral of the message tries again */
@@ -259,7 +258,7 @@ outcome_delay_check(struct delivery *d, struct dest *t, uint64_t id,
         unsigned lines = 0;
         struct json ev;
         json_init(&ev);
-        struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+        struct dlog_writer *lw = d->dlog;
         dlog_capture(lw, &ev, false);
         outcome_dsn_event(d, dm, dr, n);
         dlog_capture(lw, NULL, false);

@@ -38,7 +38,6 @@
 #include "engine/classify.h"
 #include "engine/dlog.h"
 #include "engine/dsn.h"
-#include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/outbound/outcome_int.h"
 #include "queue/queue.h"
@@ -221,7 +220,7 @@ held_first(const struct queue_envelope *env, uint64_t now)
 static uint64_t
 held_due_ms(const struct delivery *d, const struct queue_envelope *env, uint64_t now)
 {
-    uint64_t last = held_first(env, now) + d->e->cfg->bounce.dsn_wait;
+    uint64_t last = held_first(env, now) + d->cfg->bounce.dsn_wait;
     uint64_t next = now + HELD_CHECK_MS;
     return last > now && last < next ? last : next;
 }
@@ -280,9 +279,9 @@ held_flush(struct delivery *d, struct dest *t, const struct queue_envelope *env)
         struct outcome_info info = {.now_ms = clock_unix_ms()};
         snprintf(info.tls_policy, sizeof(info.tls_policy), "-");
         n = outcome_held_collect(env, qo, tl, dr, e, &info);
-        struct dsn_msg *dm = d->e->cfg->bounce.dsn ? outcome_dsn_make(d, env, dr, n) : NULL;
+        struct dsn_msg *dm = d->cfg->bounce.dsn ? outcome_dsn_make(d, env, dr, n) : NULL;
         if (dm != NULL) {
-            struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+            struct dlog_writer *lw = d->dlog;
             dlog_capture(lw, &ev, false);
             outcome_dsn_event(d, dm, dr, n);
             dlog_capture(lw, NULL, false);
@@ -314,7 +313,7 @@ void
 outcome_held_recheck(struct delivery *d, struct dest *t, uint64_t id)
 {
     struct queue_envelope *env = NULL;
-    if (queue_envelope_get(d->e->queue, id, &env) != 0)
+    if (queue_envelope_get(d->queue, id, &env) != 0)
         return; /* done, or unreadable: their due time sends them */
     bool held = false, ready = false;
     for (unsigned k = 0; k < env->nrcpt; k++) {
@@ -378,7 +377,7 @@ void
 outcome_held_due(struct delivery *d, struct dest *t, struct job *j)
 {
     struct queue_envelope *env = NULL;
-    int rc = d->stopping ? 0 : queue_envelope_get(d->e->queue, j->id, &env);
+    int rc = d->stopping ? 0 : queue_envelope_get(d->queue, j->id, &env);
     if (rc == 0 && env != NULL) {
         bool ready = false, held = false;
         for (unsigned k = 0; k < env->nrcpt; k++) {
@@ -389,7 +388,7 @@ outcome_held_due(struct delivery *d, struct dest *t, struct job *j)
         }
         uint64_t now = clock_unix_ms();
         /* none held: their DSN went meanwhile */
-        if (held && ready && held_first(env, now) + d->e->cfg->bounce.dsn_wait > now)
+        if (held && ready && held_first(env, now) + d->cfg->bounce.dsn_wait > now)
             held_again(d, t, env, held_due_ms(d, env, now));
         else if (held)
             held_flush(d, t, env);

@@ -44,7 +44,6 @@
 
 #include "common/clock.h"
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 #include "engine/warmup.h"
@@ -405,7 +404,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         return NULL;
     }
     if (!c->slot_yielded &&
-        site_addr_over(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address)) {
+        site_addr_over(&d->sites, c->slot, d->cfg->delivery.max_connections_per_address)) {
         /* Over max_connections_per_address (a reload lowered it): as
          * over a domain's max_connections above, the extra connections
          * end after their transaction; while mail flowed they carried it
@@ -416,7 +415,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         return NULL;
     }
     if (!c->slot_yielded &&
-        site_addr_yield(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address,
+        site_addr_yield(&d->sites, c->slot, d->cfg->delivery.max_connections_per_address,
                         d->w->now)) {
         c->slot_yielded = true; /* counted as yielding there until it ends */
         /* Another worker waits for a slot at this address, and this one
@@ -557,8 +556,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             }
             /* (no plan in the config: nothing to count, and no lock to take
              * on each transaction) */
-            if (j != NULL && c->src != NULL && d->e->cfg->nwarmups != 0 &&
-                !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
+            if (j != NULL && c->src != NULL && d->cfg->nwarmups != 0 &&
+                !warmup_take(d->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
                 /* the day's allowance went meanwhile: another source, or later */
                 if (tk != NULL)
                     limits_give_msgs(d->lim, tk, &tg, 1);
@@ -606,7 +605,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
-            unsigned cap = d->e->cfg->delivery.max_connections_per_address;
+            unsigned cap = d->cfg->delivery.max_connections_per_address;
             bool yielded = false;
             if (fairq_empty(&t->q) && !c->slot_yielded &&
                 site_addr_wanted(&d->sites, c->slot, cap, d->w->now, c->site, &yielded)) {
@@ -624,7 +623,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
              * of a cap shared through Redis asks again while it idles). */
             c->idle_short = kw == 1;
             c->idle_poll = sched_conn_key_polled(c);
-            if (c->idle_poll && d->e->cfg->redis.url == NULL && fairq_empty(&t->q) &&
+            if (c->idle_poll && d->cfg->redis.url == NULL && fairq_empty(&t->q) &&
                 sched_conn_wanted_elsewhere(c)) {
                 /* Another worker waits for a slot of a cap counted for
                  * the node: it gets this one now. (With [redis] the
@@ -855,7 +854,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         .idle = so != NULL && c->ready_once && so->stage == SMTP_CLIENT_S_IDLE,
         .reuse_lost = c->reuse_lost,
         .going_down = so != NULL && so->code == 421 &&
-                      classify(d->e->cfg->classify, CLASSIFY_REPLY, so->code, &so->enh, so->text) ==
+                      classify(d->cfg->classify, CLASSIFY_REPLY, so->code, &so->enh, so->text) ==
                           BOUNCE_OTHER,
     };
     struct policy_conn_decision pd;

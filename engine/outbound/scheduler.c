@@ -57,7 +57,6 @@
 #include "common/idn.h"
 #include "common/intern.h"
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/mta_sts.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
@@ -506,10 +505,10 @@ dest_run_once(struct dest *t)
              * the next one, and why, for the deferral when none is left. */
             d->stats.dane_failed++;
             log_msg(LOG_NOTICE, "event=dane_tempfail domain=%s mx=%s", t->name, h->name);
-            if (d->e->mta_sts != NULL) { /* TLS reporting: a DANE failure (RFC 8460 4.3) */
+            if (delivery_mta_sts(d) != NULL) { /* TLS reporting: a DANE failure (RFC 8460 4.3) */
                 char ip[64];
                 netaddr_ip_str(&a->sa, ip, sizeof(ip));
-                tlsrpt_record_tlsa(mta_sts_tlsrpt(d->e->mta_sts), t->name, h->name, NULL, 0,
+                tlsrpt_record_tlsa(mta_sts_tlsrpt(delivery_mta_sts(d)), t->name, h->name, NULL, 0,
                                    TLSRPT_DNSSEC_INVALID, ip, h->tlsa_base);
             }
             struct smtp_outcome why;
@@ -652,9 +651,9 @@ dest_run_once(struct dest *t)
 /* ---- the worker's scheduler ---- */
 
 int
-sched_init(struct delivery *d)
+sched_init(struct delivery *d, struct site_addrs *shared)
 {
-    if (sites_init(&d->sites, d->e->site_addrs, d->w->id) < 0)
+    if (sites_init(&d->sites, shared, d->w->id) < 0)
         return -ENOMEM;
     dests_init(d);
     return 0;

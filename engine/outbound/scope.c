@@ -40,7 +40,6 @@
 #include "common/clock.h"
 #include "common/intern.h"
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/shaping.h"
 
@@ -163,7 +162,7 @@ delivery_owner_stats(struct delivery *d, struct delivery_owner_stats **out, size
         struct hash_node *cur = NULL, *x;
         while ((x = hash_next(&d->counts[kinds[k]], &b, &cur)) != NULL) {
             const struct owner_count *c = (const struct owner_count *)x;
-            const char *name = intern_name(d->e->names, c->id);
+            const char *name = intern_name(d->names, c->id);
             if (name == NULL)
                 continue;
             if (*n == *cap) {
@@ -297,18 +296,17 @@ static bool
 job_shaping(struct delivery *d, struct dest *t, const struct job *j, const char *mx,
             struct shaping_tenant_verdict *v)
 {
-    struct engine *e = d->e;
     memset(v, 0, sizeof(*v));
-    if (e->shaping == NULL || j->owner.tenant == 0)
+    if (d->shaping == NULL || j->owner.tenant == 0)
         return false;
     if (mx == NULL) {
         if (t == NULL)
             t = dest_of_job(d, j);
         mx = t != NULL && t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
     }
-    return mx != NULL && shaping_tenant_check(e->shaping, e->cfg->shaping_rules,
-                                              intern_name(e->names, j->owner.tenant), mx,
-                                              clock_unix_ms(), v);
+    return mx != NULL &&
+           shaping_tenant_check(d->shaping, d->cfg->shaping_rules,
+                                intern_name(d->names, j->owner.tenant), mx, clock_unix_ms(), v);
 }
 
 static void
@@ -338,7 +336,7 @@ shaped_bounce(struct delivery *d, struct dest *t, struct job *j, const char *mx)
     struct smtp_outcome o;
     char text[240];
     snprintf(text, sizeof(text), "bounced by a shaping action for tenant %.64s at %.100s",
-             intern_name(d->e->names, j->owner.tenant), mx ? mx : t->name);
+             intern_name(d->names, j->owner.tenant), mx ? mx : t->name);
     job_outcome(&o, &f, text);
     if (!job_fail(d, t, j, &o, f.src))
         /* Its message could not be read just then: parked, bounced when
@@ -358,7 +356,7 @@ shaped_rate_take(struct delivery *d, const struct dest *t, const struct job *j,
                  struct limit_key **key, struct limit_grant *g)
 {
     char who[80];
-    snprintf(who, sizeof(who), "tenant:%s", intern_name(d->e->names, j->owner.tenant));
+    snprintf(who, sizeof(who), "tenant:%s", intern_name(d->names, j->owner.tenant));
     struct mxkey *k = sched_shape_key(d, who, v->rate_group);
     if (k == NULL)
         return true; /* no memory: at the destination's rate */
@@ -400,7 +398,7 @@ shaped_park(struct delivery *d, struct job *j, const char *mx, uint64_t until, c
     scope_park(d, j);
     if (d->nshaped++ == 0)
         log_msg(LOG_INFO, "event=jobs_parked reason=shaping action=%s tenant=%s mx=%s", why,
-                intern_name(d->e->names, j->owner.tenant), mx ? mx : "-");
+                intern_name(d->names, j->owner.tenant), mx ? mx : "-");
     scope_shaped_timer(d);
     if (until != 0)
         scope_timer_at(d, until);
@@ -526,7 +524,7 @@ scope_expire(struct delivery *d)
             log_msg(LOG_NOTICE, "event=resumed scope=%s name=%s reason=duration_over",
                     scope_names[d->susp[i].kind],
                     d->susp[i].kind == SCOPE_DOMAIN ? d->susp[i].domain
-                                                    : intern_name(d->e->names, d->susp[i].id));
+                                                    : intern_name(d->names, d->susp[i].id));
             dropped = true;
             continue;
         }
@@ -569,7 +567,7 @@ delivery_suspend_scope(struct delivery *d, enum delivery_scope k, const char *na
         for (; name[i] != '\0' && i + 1 < sizeof(dom); i++)
             dom[i] = (char)((name[i] >= 'A' && name[i] <= 'Z') ? name[i] + 32 : name[i]);
         dom[i] = '\0';
-    } else if ((id = intern_id(d->e->names, name)) == 0) {
+    } else if ((id = intern_id(d->names, name)) == 0) {
         return -ENOMEM;
     }
     /* The entry of this scope, if any: replaced or removed. */

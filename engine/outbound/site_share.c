@@ -28,7 +28,6 @@
 
 #include "common/intern.h"
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/outbound/internal.h"
 
 /* The pattern of the [mx] section with rollup = yes that matches MX host
@@ -223,9 +222,9 @@ dest_site(struct dest *t)
     struct delivery *d = t->d;
     if (t->mx == NULL || t->mx->status != DNS_OK || t->site_for == t->mx)
         return;
-    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct delivery_config *dc = &d->cfg->delivery;
     char key[SITE_KEY_MAX];
-    const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
+    const char *pname = t->pool ? intern_name(d->names, t->pool) : NULL;
     size_t pl = 0;
     if (pname != NULL) {
         /* A pool's connections are its sources': sites of their own,
@@ -236,7 +235,7 @@ dest_site(struct dest *t)
         memcpy(key, pname, pl);
         key[pl++] = '@';
     }
-    site_key(t->mx, dest_port(t), key + pl, sizeof(key) - pl, rollup_alias, d->e->cfg);
+    site_key(t->mx, dest_port(t), key + pl, sizeof(key) - pl, rollup_alias, d->cfg);
     /* A pool's site starts with a connection per source at least: each
      * carries its share (and its warm-up allowance) from the start. */
     unsigned initial = dc->initial_connections;
@@ -301,7 +300,7 @@ dest_names_mx(const struct dest *t, const struct conn *c)
     /* An [mx] rollup: a host of t's answer that the same pattern rolls
      * up into c's site stands for c's, unless DANE keeps it apart
      * (rollup_may). */
-    const struct config *cfg = t->d->e->cfg;
+    const struct config *cfg = t->d->cfg;
     const char *ra = c->site == t->site ? rollup_pattern(cfg, c->mx) : NULL;
     for (unsigned i = 0; ra != NULL && i < t->mx->nhosts; i++)
         if (rollup_may(&t->mx->hosts[i]) && rollup_pattern(cfg, t->mx->hosts[i].name) == ra)
@@ -432,7 +431,7 @@ conn_give_turn(struct conn *c, struct dest *t)
     uint64_t now = d->w->now;
     if (s == NULL || s->want.n == 0 || t->conns < 1)
         return NULL;
-    bool by_tag = d->e->cfg->redis.url == NULL;
+    bool by_tag = d->cfg->redis.url == NULL;
     /* t counts its turns on another site when a new answer moved it
      * there (still naming c's host): any domain of c's goes first */
     uint64_t best_tag = t->site == s ? t->turn_tag : UINT64_MAX, best_id = dest_next_id(t);

@@ -30,7 +30,6 @@
 #include <sys/socket.h>
 
 #include "common/log.h"
-#include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 
@@ -100,7 +99,7 @@ target_is_local(const struct delivery *d, const char *ip)
 static bool
 target_is_self(struct delivery *d, const union dns_addr *a, unsigned port)
 {
-    const struct server_config *srv = &d->e->cfg->server;
+    const struct server_config *srv = &d->cfg->server;
     /* A v4-mapped IPv6 address (an AAAA record of ::ffff:a.b.c.d) is
      * where a connect to it goes: the IPv4 address a.b.c.d. */
     union dns_addr v4;
@@ -142,7 +141,7 @@ target_is_self(struct delivery *d, const union dns_addr *a, unsigned port)
 const char *
 target_refused(struct delivery *d, const union dns_addr *a, unsigned port)
 {
-    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct delivery_config *dc = &d->cfg->delivery;
     if (target_is_self(d, a, port))
         return "this node's own listener";
     return netaddr_target_refused(&a->sa, dc->allow, dc->nallow, dc->deny, dc->ndeny);
@@ -181,8 +180,8 @@ on_sts_txt(void *arg, enum dns_status status, const char *why, const char *const
     struct sts_ask *a = arg;
     struct delivery *d = a->d;
     struct dest *t = a->t;
-    if (d->e->mta_sts != NULL)
-        mta_sts_txt_answer(d->e->mta_sts, a->domain, status, why, txt, n, ttl);
+    if (delivery_mta_sts(d) != NULL)
+        mta_sts_txt_answer(delivery_mta_sts(d), a->domain, status, why, txt, n, ttl);
     bool at_once = a->starting;
     sts_ask_unlink(a);
     free(a);
@@ -261,13 +260,13 @@ bool
 dest_sts_ready(struct dest *t)
 {
     struct delivery *d = t->d;
-    struct mta_sts *m = d->e->mta_sts;
+    struct mta_sts *m = delivery_mta_sts(d);
     /* Not for a route (the MX is the operator's choice, not the
      * domain's) nor an address literal. */
     /* A reload may turn it off ([delivery] mta_sts = no); on again takes a
      * restart (the store starts with the engine). */
     /* Nor for mail delivered despite TLS failures (tls_relaxed). */
-    if (m == NULL || !d->e->cfg->delivery.mta_sts || !t->pol->mta_sts || t->tls_relaxed ||
+    if (m == NULL || !d->cfg->delivery.mta_sts || !t->pol->mta_sts || t->tls_relaxed ||
         t->pol->route_host[0] != '\0' || t->name[0] == '[') {
         t->sts = mta_sts_policy_unref(t->sts);
         return true;
@@ -279,7 +278,7 @@ dest_sts_ready(struct dest *t)
     struct mta_sts_policy *p = NULL;
     /* Lookups on this worker are bounded as its MX lookups are; beyond,
      * the store's thread takes them (its max_fetches at once). */
-    bool can_ask = d->ops->txt != NULL && d->nsts_asks < d->e->cfg->dns.max_inflight;
+    bool can_ask = d->ops->txt != NULL && d->nsts_asks < d->cfg->dns.max_inflight;
     enum mta_sts_answer a = mta_sts_get(m, t->name, can_ask, &p);
     if (a == MTA_STS_ASK) {
         int rc = sts_ask_start(t);

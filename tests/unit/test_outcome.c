@@ -147,12 +147,13 @@ fx_new(void)
     d->e = &f->e;
     d->w = &f->w;
     d->rng = 1;
+    delivery_env_take(d); /* the engine above: spool, log writers, names, config */
     d->port = queue_port_new();
     assert_non_null(d->port);
     char lerr[128];
     struct limits_opts lo = {0};
     assert_int_equal(limits_new(&f->w, &lo, &d->lim, lerr, sizeof(lerr)), 0);
-    assert_int_equal(sched_init(d), 0);
+    assert_int_equal(sched_init(d, NULL), 0);
     scope_init(d);
     f->d = d;
     f->dlv[0] = d;
@@ -504,6 +505,7 @@ stale_outcome_tells_the_backend_nothing(void **state)
     struct fx *f = fx_new();
     int sinks; /* event sinks on: only tested against NULL here */
     f->e.events = (struct events *)&sinks;
+    delivery_env_take(f->d);
     const unsigned idx[] = {0, 1};
     uint64_t id = store(f, "example.test", 2);
     struct dest *t = dest_get(f->d, "example.test");
@@ -551,6 +553,7 @@ stale_outcome_tells_the_backend_nothing(void **state)
     assert_non_null(strstr(line, "user1@example.test")); /* ... of recipient 1 */
     assert_int_equal(queue_events_durable(f->e.queue), 2);
     f->e.events = NULL;
+    delivery_env_take(f->d);
     fx_free(f);
 }
 
@@ -691,6 +694,7 @@ dsns_of_two_processes_have_their_own_message_ids(void **state)
     snprintf(fail.text, sizeof(fail.text), "5.1.1 no such user");
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
     f->e.started_ms = 1700000000000ULL;
+    delivery_env_take(f->d);
     for (unsigned i = 0; i < 2; i++) {
         struct queue_envelope *env = NULL;
         assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
@@ -702,6 +706,7 @@ dsns_of_two_processes_have_their_own_message_ids(void **state)
         /* a restart: a new process, its DSNs counted from 1 again */
         f->d->dsn_seq = 0;
         f->e.started_ms += 30000;
+        delivery_env_take(f->d);
     }
     struct dsn_scan s;
     dsns_expect(f, &s, 2);
@@ -895,6 +900,7 @@ suppress_on(struct fx *f, struct suppress_config *sc)
     assert_int_equal(suppress_config_check(sc, f->dir, err, sizeof(err)), 0);
     assert_int_equal(suppress_open(sc, &f->e.suppress, err, sizeof(err)), 0);
     assert_int_equal(suppress_attach_queue(f->e.suppress, f->e.queue), 0);
+    delivery_env_take(f->d);
 }
 
 static void
@@ -903,6 +909,7 @@ suppress_off(struct fx *f, struct suppress_config *sc)
     suppress_detach_queue(f->e.suppress);
     suppress_close(f->e.suppress);
     f->e.suppress = NULL;
+    delivery_env_take(f->d);
     conf_free(suppress_conf_keys, sc);
 }
 

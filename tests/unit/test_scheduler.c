@@ -340,10 +340,11 @@ fx_new(const char *extra)
     char err[128];
     struct limits_opts lo = {0};
     assert_int_equal(limits_new(&f->w, &lo, &d->lim, err, sizeof(err)), 0);
-    assert_int_equal(sched_init(d), 0);
+    assert_int_equal(sched_init(d, NULL), 0);
     scope_init(d);
     f->e.names = intern_new();
     assert_non_null(f->e.names);
+    delivery_env_take(d); /* the engine above: config, names */
     f->d = d;
     return f;
 }
@@ -3549,6 +3550,7 @@ fx_two_workers(const char *extra, unsigned id)
     struct fx *f = fx_new(extra);
     f->e.nworkers = 2;
     f->w.id = id;
+    delivery_env_take(f->d);
     f->d->ops = &test_ops_aff;
     return f;
 }
