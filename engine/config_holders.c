@@ -7,6 +7,8 @@
  * Re-pointed at each park, on the worker (engine_reload.c park_on_worker, after
  * its view was read): they point into the view or newer from then on.
  *   - server_worker.cfg (&e->cfg->server): server_worker_reconfigure.
+ *   - delivery.cfg (e->cfg, what the outbound side reads the config
+ *     through): delivery_reconfigure, first (delivery_env_take).
  *   - dest.pol, dest.poolc (domain policy, pool): delivery_reconfigure;
  *     dest.src_ids_for, compared only, is cleared there too (a freed
  *     pool's address may be a new one's).
@@ -14,7 +16,8 @@
  *   - owner_count.rr_for (a pool's round robin, outbound/scope.c),
  *     compared only: cleared by delivery_reconfigure (pool_rr_forget).
  *   - delivery's tenant weights: cleared by delivery_reconfigure.
- * Made between two parks from e->cfg as it is then: newer than the view.
+ * Made between two parks from e->cfg as it is then (the outbound side's
+ * from delivery.cfg, the worker's own): the view or newer.
  * Kept past the park, scanned here on the worker, each in one config
  * (its generation kept, not the later ones):
  *   - a session's message owner (owner.h: tenant and pool, from

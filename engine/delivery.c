@@ -881,7 +881,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         }
         snprintf(x->name, sizeof(x->name), "%s", t->name);
         if (t->pool != 0)
-            snprintf(x->pool, sizeof(x->pool), "%s", intern_name(d->e->names, t->pool));
+            snprintf(x->pool, sizeof(x->pool), "%s", intern_name(d->names, t->pool));
         x->ready = dest_queued(t);
         x->inflight = t->inflight;
         x->connections = t->conns;
@@ -893,9 +893,8 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         x->suspended = t->suspended;
         struct shaping_verdict sv;
         /* ... or by a domain-wide shaping suspend (an operator's on any node) */
-        if (!x->suspended &&
-            shaping_check(d->e->shaping, d->e->cfg->shaping_rules, "", NULL, t->name,
-                          clock_unix_ms(), &sv))
+        if (!x->suspended && shaping_check(d->shaping, d->cfg->shaping_rules, "", NULL, t->name,
+                                           clock_unix_ms(), &sv))
             x->suspended = sv.suspended;
         if (t->last_reply[0] != '\0' || t->last_code != 0) {
             enum smtp_reason why = (enum smtp_reason)t->last_reason;
@@ -932,7 +931,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             snprintf(x->limit_reason, sizeof(x->limit_reason), "local share (Redis unreachable)");
         else
             snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
-                     t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
+                     t->pol == &d->cfg->default_domain ? "[domain *]" : "[domain] section");
         uint64_t oldest = t->flight_oldest_ms; /* in flight, then ready */
         struct fairq_iter it;
         fairq_iter_init(&t->q, &it);
@@ -953,7 +952,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         x->tenants_waiting = tt.all;
         x->ntenants = tt.k;
         for (unsigned k = 0; k < tt.k; k++) {
-            const char *tn = tt.id[k] != 0 ? intern_name(d->e->names, tt.id[k]) : NULL;
+            const char *tn = tt.id[k] != 0 ? intern_name(d->names, tt.id[k]) : NULL;
             snprintf(x->tenants[k].name, sizeof(x->tenants[k].name), "%s", tn ? tn : "");
             x->tenants[k].ready = tt.n[k];
         }
@@ -968,11 +967,11 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             return -ENOMEM;
         }
         snprintf(x->name, sizeof(x->name), "%s", runs[i].domain);
-        const char *pool = runs[i].pool != 0 ? intern_name(d->e->names, runs[i].pool) : NULL;
+        const char *pool = runs[i].pool != 0 ? intern_name(d->names, runs[i].pool) : NULL;
         snprintf(x->pool, sizeof(x->pool), "%s", pool != NULL ? pool : "");
         x->parked = runs[i].n;
         x->oldest_ms = runs[i].oldest_ms;
-        x->max_connections = config_domain(d->e->cfg, runs[i].domain)->max_connections;
+        x->max_connections = config_domain(d->cfg, runs[i].domain)->max_connections;
         snprintf(x->limit_reason, sizeof(x->limit_reason), "its tenant or campaign suspended");
     }
     free(runs);
@@ -1062,9 +1061,9 @@ delivery_reconfigure(struct delivery *d)
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
         const struct domain_policy *old = t->pol;
-        t->pol = config_domain(d->e->cfg, t->name);
-        const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
-        t->poolc = pname ? config_pool(d->e->cfg, pname, strlen(pname)) : NULL;
+        t->pol = config_domain(d->cfg, t->name);
+        const char *pname = t->pool ? intern_name(d->names, t->pool) : NULL;
+        t->poolc = pname ? config_pool(d->cfg, pname, strlen(pname)) : NULL;
         /* Compared only, but the old pool may be freed and its address
          * given to another (config_gen.h): its ids are asked again. */
         t->src_ids_for = NULL;
@@ -1108,8 +1107,8 @@ delivery_reconfigure(struct delivery *d)
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;
         bool src = strncmp(k->pattern, "src:", 4) == 0; /* else "mx:" */
-        const struct mx_policy *v = src ? d->e->cfg->sources : d->e->cfg->mxs;
-        unsigned nv = src ? d->e->cfg->nsources : d->e->cfg->nmxs;
+        const struct mx_policy *v = src ? d->cfg->sources : d->cfg->mxs;
+        unsigned nv = src ? d->cfg->nsources : d->cfg->nmxs;
         for (unsigned i = 0; i < nv && m == NULL; i++)
             if (strcmp(v[i].pattern, k->pattern + (src ? 4 : 3)) == 0)
                 m = &v[i];
@@ -1217,7 +1216,7 @@ delivery_start(struct delivery *d)
 {
     delivery_env_take(d); /* every worker made now: nworkers is theirs */
     char err[256];
-    int rc = resolver_new(d->w, &d->e->cfg->dns, &d->res, err, sizeof(err));
+    int rc = resolver_new(d->w, &d->cfg->dns, &d->res, err, sizeof(err));
     if (rc < 0) {
         log_msg(LOG_CRIT, "event=resolver_failed err=\"%s\" note=no_delivery_on_this_worker",
                 err);
@@ -1225,7 +1224,7 @@ delivery_start(struct delivery *d)
     }
     conn_bufs_init(d);
     port_arm(d);
-    if (d->w->id == 0 && d->e->cfg->delivery.enabled)
+    if (d->w->id == 0 && d->cfg->delivery.enabled)
         delivery_due_start(d);
     sched_start(d);
 }

@@ -66,9 +66,10 @@ struct engine {
      * delivery_owner() on any thread (the shaping keeper's bounces too),
      * which must not read a config a reload may free meanwhile. */
     _Atomic unsigned campaign_names;
-    /* The workers' destination sweeps (outbound/dest.c): octets they
-     * freed since the last malloc_trim (an estimate), that count as the
-     * last sweep saw it, and when the trim was (monotonic ns). */
+    /* The workers' destination sweeps (outbound/dest.c, through
+     * delivery_trim in delivery.c): octets they freed since the last
+     * malloc_trim (an estimate), that count as the last sweep saw it, and
+     * when the trim was (monotonic ns). */
     _Atomic size_t freed_untrimmed;
     _Atomic size_t freed_seen;
     _Atomic uint64_t trimmed_at;

@@ -522,10 +522,12 @@ struct delivery {
                        * "between the engine and the outbound side") */
     /* What the outbound side uses of the engine, taken by delivery_new,
      * again by delivery_start (every worker made: nworkers) and at each
-     * reload (delivery_reconfigure, on this worker's thread while the main
-     * thread waits for it, so cfg is the config this worker took up, not
-     * one swapped under it): delivery_env_take. */
-    const struct config *cfg;  /* borrowed */
+     * reload (delivery_reconfigure, on this worker's thread in its park,
+     * after the park read its view and before it publishes it: so cfg is
+     * that view or newer, and a worker late for a park keeps reading the
+     * config it had, never one swapped under it): delivery_env_take. */
+    const struct config *cfg;  /* borrowed: kept by this worker's view in gens
+                                * (config_holders.c) */
     struct intern *names;      /* borrowed: pools, sources and tenants by id */
     struct queue *queue;       /* borrowed: the spool */
     struct dlog_writer *dlog;  /* borrowed: this worker's writer of the delivery
@@ -1373,7 +1375,7 @@ void delivery_env_take(struct delivery *d);
  * start it after the workers took the new config up. */
 struct mta_sts *delivery_mta_sts(const struct delivery *d);
 /* A reference to the engine's client TLS context (a reload may swap it:
- * its CAs), NULL: no memory; whether there is one at all. */
+ * its CAs), NULL: none; whether there is one. */
 struct tls_ctx *delivery_tls_client(struct delivery *d);
 bool delivery_tls_on(const struct delivery *d);
 /* A DSN made here, durable in the spool: to the worker its recipient's

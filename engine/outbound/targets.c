@@ -263,8 +263,8 @@ dest_sts_ready(struct dest *t)
     struct mta_sts *m = delivery_mta_sts(d);
     /* Not for a route (the MX is the operator's choice, not the
      * domain's) nor an address literal. */
-    /* A reload may turn it off ([delivery] mta_sts = no); on again takes a
-     * restart (the store starts with the engine). */
+    /* A reload may turn it off ([delivery] mta_sts = no), and on again
+     * (engine_mta_sts_reload starts the store if it was not running). */
     /* Nor for mail delivered despite TLS failures (tls_relaxed). */
     if (m == NULL || !d->cfg->delivery.mta_sts || !t->pol->mta_sts || t->tls_relaxed ||
         t->pol->route_host[0] != '\0' || t->name[0] == '[') {
