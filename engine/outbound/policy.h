@@ -71,8 +71,10 @@ uint64_t policy_retry_delay(const struct conf_durations *schedule, unsigned atte
  * as Postfix's backoff does: at attempts' step it came due at the same
  * delay again and again (an outage rests the site nearly all the time,
  * so nearly every retry was one of these), a transient_failure record
- * each time, for as long as the outage lasted. A wait shorter than
- * its delay (a flush) moves nothing. */
+ * each time, for as long as the outage lasted. A delay counts as waited
+ * from seven eighths of it (the wait is measured from the last outcome's
+ * commit, a little after its due was counted from); a wait shorter than
+ * that (a flush) moves nothing. */
 unsigned policy_retry_step_untried(const struct conf_durations *schedule, unsigned attempts,
                                    uint64_t waited_ms);
 
